@@ -1,0 +1,34 @@
+# Two entry points (see README): `make serve` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+JS_DIR := tests/interop/js
+
+.PHONY: serve test bench clean-venv
+
+# Virtualenv with the package (editable) and its test extras; re-installed when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# OpenTelemetry JS SDK for the JSON-exporter interop test (npm registry, pinned by package-lock.json).
+$(JS_DIR)/node_modules/.installed: $(JS_DIR)/package.json $(JS_DIR)/package-lock.json
+	cd $(JS_DIR) && npm ci --no-audit --no-fund --silent
+	touch $@
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/trace-source serve --port 4319
+
+# Fetches Kafka 3.9.2 jars from Maven Central into ~/.cache/trace-source (outside git) and runs every test,
+# including those against a real broker started by the test harness.
+test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed
+	$(PY) tests/kafka_harness.py --fetch
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) -m bench.receiver_bench $(BENCH_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

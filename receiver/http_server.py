@@ -1,0 +1,197 @@
+"""OTLP/HTTP server (aiohttp): ``POST /v1/traces`` and ``POST /v1/logs``, plus ``/healthz``, ``/readyz``, ``/metrics``.
+
+Follows the OTLP specification (opentelemetry-proto ``docs/specification.md``, v1.11.0) §"OTLP/HTTP":
+
+* ``application/x-protobuf`` and ``application/json`` bodies; the response carries the request's content type.
+* ``Content-Encoding``: gzip, deflate (zlib-wrapped, as the OpenTelemetry Collector reads it), zlib, zstd; the body
+  cap applies after decompression (413 above it).
+* 200 with ``ExportTraceServiceResponse`` (``partial_success`` only when items were rejected); 400 with a
+  ``google.rpc.Status`` (+ ``BadRequest``) for bad data; 401 without a valid bearer token; 405 for other methods;
+  415 for other media types or encodings; 503 with ``Retry-After`` (+ ``RetryInfo``) when the sink cannot take the
+  data or the in-flight budget is spent. A 200 is sent only once the sink reports the data durable.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+import uuid
+
+import structlog
+from aiohttp import web
+
+from receiver.auth import Authenticator
+from receiver.decompress import decompress
+from receiver.errors import BadRequest, PayloadTooLarge, ReceiverError, UnsupportedEncoding, UnsupportedMediaType
+from receiver.export import REQUEST_TYPES, ExportService, parse_protobuf
+from receiver.metrics import ReceiverMetrics
+from receiver.otlp_json import parse_json_request
+from receiver.status import export_response_body, status_body
+from sinks.base import SIGNAL_LOGS, SIGNAL_TRACES, SinkUnavailable
+
+log = structlog.get_logger(__name__)
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+# Some clients send the newer ``application/protobuf`` name; treat it like ``application/x-protobuf``.
+_MEDIA_TYPES = {PROTOBUF: PROTOBUF, "application/protobuf": PROTOBUF, JSON: JSON}
+_PATHS = {"/v1/traces": SIGNAL_TRACES, "/v1/logs": SIGNAL_LOGS}
+
+# google.rpc.Code values used in Status bodies.
+_INVALID_ARGUMENT, _RESOURCE_EXHAUSTED, _INTERNAL, _UNAVAILABLE, _UNAUTHENTICATED = 3, 8, 13, 14, 16
+
+
+class HttpReceiver:
+    """Builds the aiohttp application. ``max_body_bytes`` caps the body before and after decompression (int, bytes);
+    ``cors_allowed_origins`` are exact origins or ``fnmatch`` patterns (``https://*.example.com``); empty = CORS off.
+    """
+
+    def __init__(self, service: ExportService, auth: Authenticator, metrics: ReceiverMetrics, *,
+                 max_body_bytes: int, cors_allowed_origins: list[str] | None = None,
+                 cors_allowed_headers: list[str] | None = None, cors_max_age_s: int = 7200) -> None:
+        self.service = service
+        self.auth = auth
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.cors_origins = list(cors_allowed_origins or [])
+        self.cors_headers = cors_allowed_headers or ["Content-Type", "Content-Encoding", "Authorization",
+                                                     "X-Requested-With"]
+        self.cors_max_age_s = cors_max_age_s
+        self.shutting_down = False
+
+    def app(self) -> web.Application:
+        # client_max_size bounds the raw (still compressed) body aiohttp will buffer; the decompressed size is
+        # capped separately in receiver.decompress.
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._cors_middleware])
+        for path in _PATHS:
+            app.router.add_route("POST", path, self._export)
+            app.router.add_route("OPTIONS", path, self._preflight)
+            app.router.add_route("*", path, self._method_not_allowed)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    # --- CORS -------------------------------------------------------------------------------------------------
+
+    def _origin_allowed(self, origin: str | None) -> bool:
+        return bool(origin) and any(o == origin or fnmatch.fnmatchcase(origin, o) for o in self.cors_origins)
+
+    @web.middleware
+    async def _cors_middleware(self, request: web.Request, handler):
+        response = await handler(request)
+        origin = request.headers.get("Origin")
+        if self.cors_origins and self._origin_allowed(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers["Vary"] = "Origin"
+        return response
+
+    async def _preflight(self, request: web.Request) -> web.Response:
+        if not self.cors_origins:
+            return await self._method_not_allowed(request)
+        if not self._origin_allowed(request.headers.get("Origin")):
+            return web.Response(status=403, text="CORS origin not allowed")
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": "POST",
+            "Access-Control-Allow-Headers": ", ".join(self.cors_headers),
+            "Access-Control-Max-Age": str(self.cors_max_age_s),
+        })
+
+    # --- export -----------------------------------------------------------------------------------------------
+
+    async def _method_not_allowed(self, request: web.Request) -> web.Response:
+        return web.Response(status=405, text="405 method not allowed, supported: [POST]",
+                            headers={"Allow": "POST"})
+
+    async def _export(self, request: web.Request) -> web.Response:
+        received_at_ns = time.time_ns()
+        signal = _PATHS[request.path]
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+        media = _MEDIA_TYPES.get(request.content_type)
+        # Errors before we know the media type are answered as protobuf, the OTLP default encoding.
+        reply_type = media or PROTOBUF
+        reserved = 0
+        try:
+            if media is None:
+                raise UnsupportedMediaType(
+                    f"unsupported media type {request.content_type!r}, supported: [{JSON}, {PROTOBUF}]")
+            source_id = self.auth.source_for(request.headers.get("Authorization"))
+            if source_id is None:
+                return self._reply(signal, 401, status_body(_UNAUTHENTICATED, "missing or invalid bearer token",
+                                                            reply_type), reply_type, request_id,
+                                   {"WWW-Authenticate": 'Bearer realm="trace-source"'})
+            length = request.content_length
+            if length is not None and length > self.max_body_bytes:
+                raise PayloadTooLarge(self.max_body_bytes)
+            reserved = max(length or 0, 0)
+            self.service.reserve(reserved)
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise PayloadTooLarge(self.max_body_bytes) from None
+            self.metrics.received_bytes.labels("http").inc(len(raw))
+            body = decompress(raw, request.headers.get("Content-Encoding"), self.max_body_bytes)
+            extra = len(body) + len(raw) - reserved
+            self.service.reserve(extra)
+            reserved += extra
+            self.metrics.decoded_bytes.labels("http").inc(len(body))
+            if not body:  # an empty request is a success with nothing to write (OTLP: empty envelopes)
+                message = REQUEST_TYPES[signal]()
+                passthrough = None
+            elif media is PROTOBUF:
+                message = parse_protobuf(signal, body)
+                passthrough = body
+            else:
+                message = parse_json_request(body, REQUEST_TYPES[signal])
+                passthrough = None
+            outcome = await self.service.export(signal, message, source_id, received_at_ns, passthrough)
+            return self._reply(signal, 200, export_response_body(signal, outcome.rejected, outcome.error_message,
+                                                                 reply_type), reply_type, request_id)
+        except SinkUnavailable as exc:
+            log.warning("export refused, client should retry", request_id=request_id, reason=str(exc))
+            return self._reply(signal, 503, status_body(_UNAVAILABLE, str(exc), reply_type,
+                                                        retry_after_s=exc.retry_after_s),
+                               reply_type, request_id, {"Retry-After": str(exc.retry_after_s)})
+        except ReceiverError as exc:
+            status, code = _ERROR_STATUS.get(type(exc), (400, _INVALID_ARGUMENT))
+            log.info("export rejected", request_id=request_id, status=status, reason=exc.message)
+            if type(exc) is UnsupportedMediaType:  # no encoding to answer in: plain text, like the Collector
+                return self._reply(signal, 415, exc.message.encode(), "text/plain", request_id)
+            return self._reply(signal, status, status_body(code, exc.message, reply_type,
+                                                           bad_request_field="body" if status == 400 else None),
+                               reply_type, request_id)
+        except Exception:  # a bug, never bad input: answer 500 rather than dropping the connection
+            log.exception("internal error while exporting", request_id=request_id)
+            return self._reply(signal, 500, status_body(_INTERNAL, "internal error", reply_type), reply_type,
+                               request_id)
+        finally:
+            self.service.release(reserved)
+
+    def _reply(self, signal: str, status: int, body: bytes, content_type: str, request_id: str,
+               headers: dict[str, str] | None = None) -> web.Response:
+        self.metrics.requests.labels("http", signal, str(status)).inc()
+        response = web.Response(status=status, body=body, content_type=content_type, headers=headers)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    # --- operations -------------------------------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready = not self.shutting_down and await self.service.sink.ready()
+        return web.json_response({"ready": ready, "sink": self.service.sink.describe(),
+                                  "shutting_down": self.shutting_down}, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
+
+
+_ERROR_STATUS: dict[type, tuple[int, int]] = {
+    BadRequest: (400, _INVALID_ARGUMENT),
+    PayloadTooLarge: (413, _RESOURCE_EXHAUSTED),
+    UnsupportedMediaType: (415, _INVALID_ARGUMENT),
+    UnsupportedEncoding: (415, _INVALID_ARGUMENT),
+}

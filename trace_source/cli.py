@@ -1,0 +1,154 @@
+"""The ``trace-source`` command line (click). Thin: it parses, launches and observes; the work lives in packages.
+
+``serve``'s flags are generated from :class:`trace_source.settings.ServeSettings`, so ``--help``, the environment
+variables and the config-file keys always name the same settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from trace_source import __version__
+from trace_source.settings import ENV_PREFIX, ServeSettings
+
+
+def _option_for(name: str, field) -> click.Option:
+    flag = "--" + name.replace("_", "-")
+    env = ENV_PREFIX + name.upper()
+    default = field.get_default(call_default_factory=True)
+    shown = "unset" if default in (None, {}, []) else default
+    help_text = f"{field.description} [env {env}; default: {shown}]"
+    annotation = field.annotation
+    if annotation is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Option([flag, name], type=click.Choice(typing.get_args(annotation)), default=None,
+                            help=help_text)
+    if typing.get_origin(annotation) is list:
+        return click.Option([flag, name], multiple=True, default=None, help=help_text + " (repeatable)")
+    if typing.get_origin(annotation) is dict:
+        return click.Option([flag, name], default=None, metavar="TOKEN=SOURCE,...", help=help_text)
+    base = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        base = next(a for a in typing.get_args(annotation) if a is not type(None))
+    ptype = {int: int, float: float, Path: click.Path(path_type=Path)}.get(base, str)
+    return click.Option([flag, name], type=ptype, default=None, help=help_text)
+
+
+def _serve_options(func):
+    for name, field in reversed(list(ServeSettings.model_fields.items())):
+        func.__click_params__ = getattr(func, "__click_params__", [])
+        func.__click_params__.append(_option_for(name, field))
+    return func
+
+
+def load_settings(config: Path | None, flags: dict) -> ServeSettings:
+    """Settings from flags (only those given), env, config file; exits with a readable message on bad values."""
+    if config is not None:
+        os.environ[ENV_PREFIX + "CONFIG"] = str(config)
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
+    try:
+        return ServeSettings(**given)
+    except (ValidationError, ValueError, OSError) as exc:
+        raise click.UsageError(f"invalid settings:\n{exc}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="trace-source")
+def main() -> None:
+    """trace-source: an OpenTelemetry-native streaming trace receiver for AI agents.
+
+    Point your agent's OTLP exporter at it (OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4319); every span lands
+    durably on Kafka (with --kafka-bootstrap-servers) or in a local durable log under --state-dir.
+    """
+
+
+@main.command()
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help=f"YAML file of settings (keys as the flag names with underscores) [env {ENV_PREFIX}CONFIG].")
+@_serve_options
+def serve(config: Path | None, **flags) -> None:
+    """Receive OTLP over HTTP (protobuf and JSON) and gRPC, and land every span durably.
+
+    \b
+    Endpoints: POST /v1/traces, POST /v1/logs on --port (OTLP/HTTP); TraceService and LogsService
+    Export on --grpc-port (OTLP/gRPC); GET /healthz, /readyz and /metrics (Prometheus) on --port.
+    A 2xx/OK is sent only after the data is durable (Kafka acks=all, or committed to the local log).
+    Precedence: flags > TRACE_SOURCE_* environment variables > --config file > defaults.
+    """
+    settings = load_settings(config, flags)
+    from trace_source.logging import configure
+    from trace_source.serve import run
+
+    configure(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(run(settings))
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--kafka-bootstrap-servers", envvar="TRACE_SOURCE_KAFKA_BOOTSTRAP_SERVERS", default=None,
+              help="Read the Kafka topic instead of the embedded log [env TRACE_SOURCE_KAFKA_BOOTSTRAP_SERVERS].")
+@click.option("--topic", envvar="TRACE_SOURCE_KAFKA_TOPIC", default="trace-source.spans", show_default=True,
+              help="Topic (or embedded-log topic) to read.")
+@click.option("--state-dir", envvar="TRACE_SOURCE_STATE_DIR", type=click.Path(path_type=Path),
+              default=Path(".trace-source"), show_default=True, help="Embedded log's directory.")
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest record instead of new ones only.")
+@click.option("--max-records", type=click.IntRange(min=1), default=None,
+              help="Stop after printing this many records (spans / log records).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
+              help="Stop after this many seconds without new data.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per span / log record (OTLP JSON ids).")
+def tail(kafka_bootstrap_servers, topic, state_dir, from_beginning, max_records, idle_timeout, as_json) -> None:
+    """Print what arrived: one line per span (trace id, span id, name, status, source).
+
+    Reads the embedded log under --state-dir, or the Kafka topic with --kafka-bootstrap-servers. Follows new data
+    until interrupted, --max-records or --idle-timeout.
+    """
+    from trace_source.tail import run_tail
+
+    try:
+        asyncio.run(run_tail(kafka_bootstrap_servers=kafka_bootstrap_servers, topic=topic, state_dir=state_dir,
+                             from_beginning=from_beginning, max_records=max_records, idle_timeout=idle_timeout,
+                             as_json=as_json, out=sys.stdout))
+    except KeyboardInterrupt:
+        pass
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def topics() -> None:
+    """Manage trace-source's Kafka topics."""
+
+
+@topics.command("create")
+@click.option("--kafka-bootstrap-servers", envvar="TRACE_SOURCE_KAFKA_BOOTSTRAP_SERVERS", required=True,
+              help="Kafka bootstrap servers [env TRACE_SOURCE_KAFKA_BOOTSTRAP_SERVERS].")
+@click.option("--topic", envvar="TRACE_SOURCE_KAFKA_TOPIC", default="trace-source.spans", show_default=True)
+@click.option("--partitions", envvar="TRACE_SOURCE_KAFKA_PARTITIONS", type=click.IntRange(min=1), default=12,
+              show_default=True, help="Partition count (assembler consumers scale up to this).")
+@click.option("--replication-factor", envvar="TRACE_SOURCE_KAFKA_REPLICATION_FACTOR", type=click.IntRange(min=1),
+              default=None, help="Replication factor [default: min(3, brokers)].")
+@click.option("--max-message-bytes", type=click.IntRange(min=1024), default=1_114_112, show_default=True,
+              help="Topic max.message.bytes.")
+def topics_create(kafka_bootstrap_servers, topic, partitions, replication_factor, max_message_bytes) -> None:
+    """Create the spans topic with the given partition count (no-op if it exists)."""
+    from sinks.kafka_admin import create_topic
+
+    created = asyncio.run(create_topic(kafka_bootstrap_servers, topic, partitions, replication_factor,
+                                       max_request_size=max_message_bytes))
+    click.echo(f"{'created' if created else 'exists'}: {topic}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

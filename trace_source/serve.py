@@ -1,0 +1,99 @@
+"""``trace-source serve``: wire settings to a sink and the two OTLP servers, run until SIGTERM/SIGINT.
+
+Shutdown order (graceful): mark not-ready, stop accepting new connections, let in-flight requests finish within
+``shutdown_grace_s`` (each answers only after its data is durable), then stop the sink, which flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from aiohttp import web
+
+from receiver.auth import Authenticator
+from receiver.backpressure import InflightBudget
+from receiver.export import ExportService
+from receiver.grpc_server import GrpcReceiver
+from receiver.http_server import HttpReceiver
+from receiver.metrics import ReceiverMetrics
+from sinks.base import Sink
+from trace_source.settings import ServeSettings
+
+log = structlog.get_logger("trace_source.serve")
+
+
+def build_sink(settings: ServeSettings) -> Sink:
+    """Kafka when bootstrap servers are configured, else the embedded durable log under ``state_dir``."""
+    if settings.kafka_bootstrap_servers:
+        from sinks.kafka import KafkaSink
+
+        return KafkaSink(
+            settings.kafka_bootstrap_servers,
+            topic=settings.kafka_topic,
+            compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
+            linger_ms=settings.kafka_linger_ms,
+            max_request_size=max(settings.max_record_bytes + 64 * 1024, 1048576),
+            write_timeout_s=settings.sink_timeout_s,
+            retry_after_s=settings.retry_after_s,
+        )
+    from sinks.local_log import LocalLogSink
+
+    return LocalLogSink(settings.state_dir, fsync=settings.local_log_fsync)
+
+
+async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    sink = build_sink(settings)
+    if settings.kafka_bootstrap_servers and settings.kafka_create_topics:
+        from sinks.kafka_admin import create_topic
+
+        created = await create_topic(settings.kafka_bootstrap_servers, settings.kafka_topic,
+                                     settings.kafka_partitions, settings.kafka_replication_factor,
+                                     max_request_size=max(settings.max_record_bytes + 64 * 1024, 1048576))
+        log.info("topic checked", topic=settings.kafka_topic, created=created)
+    await sink.start()
+
+    budget = InflightBudget(settings.max_inflight_bytes, external=lambda: getattr(sink, "inflight_bytes", 0))
+    metrics = ReceiverMetrics(inflight_bytes_fn=lambda: budget.used_bytes)
+    service = ExportService(sink, budget, metrics, max_record_bytes=settings.max_record_bytes,
+                            retry_after_s=settings.retry_after_s)
+    auth = Authenticator(settings.token_map(), settings.source_id)
+
+    http = HttpReceiver(service, auth, metrics, max_body_bytes=settings.max_body_bytes,
+                        cors_allowed_origins=settings.cors_allowed_origins)
+    runner = web.AppRunner(http.app(), auto_decompress=False, access_log=None,
+                           shutdown_timeout=settings.shutdown_grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    http_port = site._server.sockets[0].getsockname()[1]  # the real port when --port 0
+
+    grpc_server = None
+    grpc_port = None
+    if settings.grpc_enabled:
+        grpc_server, grpc_port = GrpcReceiver(service, auth, metrics,
+                                              max_message_bytes=settings.max_body_bytes).build(
+            settings.host, settings.grpc_port)
+        await grpc_server.start()
+
+    # One machine-readable line tests and scripts wait for; humans read the same fields.
+    log.info("serving", http=f"http://{settings.host}:{http_port}", grpc=(
+        f"{settings.host}:{grpc_port}" if grpc_port else None), sink=sink.describe(), auth=auth.enabled,
+        http_port=http_port, grpc_port=grpc_port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down", grace_s=settings.shutdown_grace_s)
+        http.shutting_down = True
+        # Both servers stop accepting at once and drain their in-flight requests concurrently.
+        await asyncio.gather(runner.cleanup(), *(
+            [grpc_server.stop(settings.shutdown_grace_s)] if grpc_server is not None else []))
+        await sink.stop()
+        log.info("stopped")
