@@ -493,7 +493,8 @@ class KafkaCluster:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._timeout(node, "a metadata response listing the node")
-                if _run_on_private_loop(_lists_broker(node.address, node.node_id, remaining)):
+                ids = _run_on_private_loop(_broker_ids(node.address, remaining))
+                if ids and node.node_id in ids:
                     break
                 time.sleep(0.2)
 
@@ -528,20 +529,71 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex((HOST, port)) == 0
 
 
-async def _lists_broker(address: str, node_id: int, timeout: float) -> bool:
-    """True if the broker at *address* answers metadata and lists *node_id* as a broker."""
+async def _broker_ids(bootstrap_servers: str, timeout: float) -> set[int] | None:
+    """Node ids of the live brokers the cluster reports, or None if nobody answered."""
     from aiokafka.admin import AIOKafkaAdminClient  # keep `--fetch` free of aiokafka
 
     request_timeout_ms = int(min(max(timeout, 1.0), 10.0) * 1000)
-    admin = AIOKafkaAdminClient(bootstrap_servers=address, request_timeout_ms=request_timeout_ms)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms
+    )
     try:
         await admin.start()
         cluster = await admin.describe_cluster()
     except Exception:
-        return False
+        return None
     finally:
         await admin.close()
-    return any(b["node_id"] == node_id for b in cluster["brokers"])
+    return {broker["node_id"] for broker in cluster["brokers"]}
+
+
+def probe_kafka(bootstrap_servers: str, timeout: float = 30.0) -> set[int]:
+    """Return the broker ids of the cluster at *bootstrap_servers*, retrying until *timeout*.
+
+    Used to check a broker handed in from outside (``TRACE_SOURCE_TEST_KAFKA_BOOTSTRAP``)
+    before tests run, so a typo fails once with a clear message instead of as a
+    connection error deep inside every test.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        ids = _run_on_private_loop(_broker_ids(bootstrap_servers, remaining))
+        if ids:
+            return ids
+        if remaining <= 0:
+            raise KafkaHarnessError(
+                f"no Kafka broker answered a metadata request at {bootstrap_servers} "
+                f"within {timeout:.0f}s"
+            )
+        time.sleep(0.5)
+
+
+async def create_topic(
+    bootstrap_servers: str,
+    name: str,
+    *,
+    partitions: int = 3,
+    replication_factor: int = 1,
+    configs: Mapping[str, str] | None = None,
+) -> None:
+    """Create topic *name*, raising the broker's error (aiokafka only returns it).
+
+    The test brokers run with ``auto.create.topics.enable=false`` so that a typo in a
+    topic name fails loudly; tests create their topics with this instead.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import for_code
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        topic = NewTopic(name, partitions, replication_factor, topic_configs=dict(configs or {}))
+        response = await admin.create_topics([topic])
+    finally:
+        await admin.close()
+    for topic_name, error_code, *message in response.topic_errors:
+        if error_code:
+            raise for_code(error_code)(f"creating topic {topic_name!r}: {message}")
 
 
 def _run_on_private_loop(coro: Coroutine[Any, Any, T]) -> T:
