@@ -114,7 +114,7 @@ class KafkaSink:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout_s
         attempt = 0
-        problem: str | None = "no answer"
+        problem: str | None = "no answer from the cluster"
         while True:
             attempt += 1
             producer = self._new_producer()
@@ -155,6 +155,8 @@ class KafkaSink:
         producer = self._producer
         if producer is None:
             raise SinkUnavailable(f"Kafka sink for {self.bootstrap_servers} is not started")
+        if not batch.records:
+            return
         if self._inflight_bytes >= self.max_inflight_bytes:
             self._probe_now.set()
             raise SinkUnavailable(
@@ -211,7 +213,7 @@ class KafkaSink:
                 f"{len(prepared)} records for topic {self.topic} within {self.write_timeout_s:g} s",
                 retry_after_s=self.retry_after_s,
             )
-        for delivery, (record, _, size) in zip(deliveries, prepared):
+        for delivery, (record, _, size) in zip(deliveries, prepared, strict=True):
             exc = delivery.exception()
             if isinstance(exc, MessageSizeTooLargeError):
                 raise self._too_large(exc, record.key, size) from exc
@@ -260,6 +262,8 @@ class KafkaSink:
             linger_ms=self.linger_ms,
             max_request_size=self.max_request_size,
             max_batch_size=self.max_batch_size,
+            # Below aiokafka's 40 s so a connection to a hung broker is dropped and retried sooner; it does not
+            # bound write(), which has its own deadline.
             request_timeout_ms=self.request_timeout_ms,
         )
 

@@ -67,4 +67,3 @@ async def create_topic(
         bootstrap_servers=bootstrap_servers,
     )
     return True
-

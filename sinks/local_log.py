@@ -17,6 +17,7 @@ Read path: :class:`LocalLogReader` is synchronous and may run in another process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -63,7 +64,7 @@ CREATE TABLE group_offsets (
 """
 
 _INSERT = (
-    'INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type)'
+    "INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _SELECT = 'SELECT "offset", topic, key, value, signal, source_id, received_at_ns, content_type FROM records'
@@ -111,7 +112,9 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):  # keep the original error
+                conn.execute("ROLLBACK")
         raise
 
 
@@ -137,7 +140,7 @@ class LocalRecord:
 class _Write:
     """One queued ``write()``: its rows, their size for the queue bound, and the caller's future."""
 
-    __slots__ = ("rows", "nbytes", "future")
+    __slots__ = ("future", "nbytes", "rows")
 
     def __init__(self, rows: list[tuple], nbytes: int, future: asyncio.Future[None]) -> None:
         self.rows = rows
@@ -246,10 +249,11 @@ class LocalLogSink:
         await future
 
     async def ready(self) -> bool:
-        """True while the writer runs and its last commit (if any) succeeded."""
-        return (
-            self._accepting and self._thread is not None and self._thread.is_alive() and self._error is None
-        )
+        """True while the writer runs and its last commit (if any) succeeded.
+
+        After a failed commit (disk full, I/O error) this stays False until a later ``write()`` commits again.
+        """
+        return self._accepting and self._thread is not None and self._thread.is_alive() and self._error is None
 
     async def stop(self) -> None:
         """Stop accepting writes, commit everything already queued, and close the database."""
@@ -305,10 +309,9 @@ class LocalLogSink:
         except Exception as exc:
             message = f"local log {self.path} is not writable: {exc}"
             if conn.in_transaction:
-                try:
+                # SQLite may already have rolled back on its own (e.g. SQLITE_FULL during COMMIT).
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # SQLite already rolled back on its own (e.g. SQLITE_FULL during commit)
             if self._error is None:
                 log.error("local_log.commit_failed", path=str(self.path), error=str(exc), writes=len(writes))
         else:
@@ -372,7 +375,7 @@ class LocalLogReader:
             params += (topic,)
         query += ' ORDER BY "offset" LIMIT ?'
         with self._lock:
-            rows = self._conn.execute(query, params + (limit,)).fetchall()
+            rows = self._conn.execute(query, (*params, limit)).fetchall()
         return [LocalRecord(*row) for row in rows]
 
     def last_offset(self, *, topic: str | None = None) -> int:

@@ -195,6 +195,18 @@ def _free_ports(count: int) -> list[int]:
         return ports
 
 
+def _random_kafka_uuid() -> str:
+    """A Kafka ``Uuid`` string: 22 chars of unpadded base64url.
+
+    Like Kafka's own ``Uuid.randomUuid()`` it never starts with ``-``, which the
+    command-line parser of ``StorageTool`` would take for an option.
+    """
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
+
+
 def _tail(text: str, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -448,7 +460,7 @@ class KafkaCluster:
         ``--initial-controllers`` because the quorum is the static voters list.
         """
         assert self._libs is not None
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = _random_kafka_uuid()
         procs = []
         for node in self._nodes:
             node.logs_dir.mkdir(parents=True)
@@ -530,21 +542,26 @@ def _port_open(port: int) -> bool:
 
 
 async def _broker_ids(bootstrap_servers: str, timeout: float) -> set[int] | None:
-    """Node ids of the live brokers the cluster reports, or None if nobody answered."""
-    from aiokafka.admin import AIOKafkaAdminClient  # keep `--fetch` free of aiokafka
+    """Node ids of the live brokers in the metadata of the first server that answers.
+
+    A bootstrap client rather than an admin client: the admin client sends its requests
+    to any known broker, and the other brokers of a cluster still list a SIGKILLed
+    node until the controller has expired its session. Only the node's own answer
+    tells that the node itself is back.
+    """
+    from aiokafka.client import AIOKafkaClient  # keep `--fetch` free of aiokafka
 
     request_timeout_ms = int(min(max(timeout, 1.0), 10.0) * 1000)
-    admin = AIOKafkaAdminClient(
+    client = AIOKafkaClient(
         bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms
     )
     try:
-        await admin.start()
-        cluster = await admin.describe_cluster()
+        await client.bootstrap()
     except Exception:
         return None
     finally:
-        await admin.close()
-    return {broker["node_id"] for broker in cluster["brokers"]}
+        await client.close()
+    return {broker.nodeId for broker in client.cluster.brokers()}
 
 
 def probe_kafka(bootstrap_servers: str, timeout: float = 30.0) -> set[int]:

@@ -137,7 +137,7 @@ async def test_create_topic_is_idempotent_and_sets_max_message_bytes(kafka_boots
     try:
         (topic_meta,) = await admin.describe_topics([topic])
         (response,) = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, ["max.message.bytes"])]
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})]
         )
     finally:
         await admin.close()
@@ -200,6 +200,7 @@ async def test_broker_down_fails_fast_bounds_memory_and_recovers(kafka_broker_fa
         assert "ok" not in outcomes
         assert any("did not acknowledge" in o for o in outcomes)
         assert any("waiting for acknowledgement" in o for o in outcomes)  # refused at once past the bound
+
         async def not_ready() -> bool:
             return not await sink.ready()
 

@@ -83,7 +83,9 @@ async def test_concurrent_writes_are_group_committed_and_read_back_once_in_order
         records = read_all(reader)
         assert reader.last_offset() == total
     assert [r.offset for r in records] == list(range(1, total + 1))
-    assert sorted(ids(r.key) for r in records) == sorted((b, i) for b, batch in batches.items() for i in range(len(batch.records)))
+    assert sorted(ids(r.key) for r in records) == sorted(
+        (b, i) for b, batch in batches.items() for i in range(len(batch.records))
+    )
     # Each batch is one contiguous run, in its own record order.
     by_batch: dict[int, list[tuple[int, int]]] = {}
     for r in records:

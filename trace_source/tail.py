@@ -110,24 +110,17 @@ async def _tail_local(state_dir: Path, topic: str, printer: _Printer, from_begin
 
 async def _tail_kafka(bootstrap: str, topic: str, printer: _Printer, from_beginning: bool,
                       idle_timeout: float | None) -> None:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
-    # No consumer group: tail only reads, it must never move a group's committed offsets.
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+    # No consumer group (group_id=None): tail reads every partition of the topic and never moves a group's committed
+    # offsets; where it starts is just the offset reset policy.
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest" if from_beginning else "latest",
                                 client_id="trace-source-tail")
     await consumer.start()
     try:
-        if topic not in await consumer.topics():  # topics() refreshes cluster metadata
+        if topic not in await consumer.topics():
             raise FileNotFoundError(f"topic {topic!r} not found on {bootstrap}")
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise FileNotFoundError(f"topic {topic!r} not found on {bootstrap}")
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        if from_beginning:
-            await consumer.seek_to_beginning(*tps)
-        else:
-            await consumer.seek_to_end(*tps)
         last_data = time.monotonic()
         while True:
             batches = await consumer.getmany(timeout_ms=int(_POLL_S * 1000), max_records=500)
