@@ -23,7 +23,12 @@ serve: $(VENV)/.installed
 
 # Fetches Kafka 3.9.2 jars from Maven Central into ~/.cache/trace-source (outside git) and runs every test,
 # including those against a real broker started by the test harness.
-test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed
+# helm for the chart tests, built from the Go module proxy into the same cache (the first build takes minutes).
+HELM := $(HOME)/.cache/trace-source/bin/helm
+$(HELM):
+	GOBIN=$(dir $(HELM)) go install helm.sh/helm/v3/cmd/helm@v3.21.4
+
+test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed $(HELM)
 	$(PY) tests/kafka_harness.py --fetch
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import pickle
 import platform
@@ -226,7 +227,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.serving['http_port']}/v1/traces"
 
     def start(self, timeout_s: float = 60.0) -> "ServerProcess":
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=log, stderr=log, env=self.env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -390,7 +391,7 @@ class TargetResult:
 def _percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
-    idx = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
+    idx = min(len(sorted_values) - 1, max(0, math.ceil(q / 100.0 * len(sorted_values)) - 1))  # nearest rank
     return round(sorted_values[idx], 2)
 
 
@@ -449,15 +450,15 @@ def run_load(server: ServerProcess, args: argparse.Namespace, payloads_path: Pat
 def _serve_cmd(args: argparse.Namespace, state_dir: Path, extra: list[str], pstats: Path | None) -> list[str]:
     serve_args = ["serve", "--port", "0", "--grpc-port", "0", "--state-dir", str(state_dir), *extra]
     if pstats is not None:
-        return [sys.executable, "-m", "bench.receiver_bench", "--_profiled", str(pstats), "trace_source.cli",
-                *serve_args]
+        return [sys.executable, "-m", "bench.receiver_bench", "--_profiled", str(pstats), args.profile_clock,
+                "trace_source.cli", *serve_args]
     return [str(Path(sys.executable).with_name("trace-source")), *serve_args]
 
 
-def _reference_cmd(pstats: Path | None) -> list[str]:
+def _reference_cmd(args: argparse.Namespace, pstats: Path | None) -> list[str]:
     if pstats is not None:
-        return [sys.executable, "-m", "bench.receiver_bench", "--_profiled", str(pstats), "bench.reference_server",
-                "--port", "0"]
+        return [sys.executable, "-m", "bench.receiver_bench", "--_profiled", str(pstats), args.profile_clock,
+                "bench.reference_server", "--port", "0"]
     return [sys.executable, "-m", "bench.reference_server", "--port", "0"]
 
 
@@ -525,20 +526,20 @@ async def _delete_topic(bootstrap: str, topic: str) -> None:
 
 
 def run_target(target: str, args: argparse.Namespace, payloads_path: Path, work_dir: Path,
-               kafka: KafkaForBench | None, pstats: Path | None = None) -> TargetResult:
+               kafka: KafkaForBench | None, pstats: Path | None = None, round_no: int = 1) -> TargetResult:
     cpu_groups: dict[str, list[int]] = {}
     if target == "reference":
-        cmd = _reference_cmd(pstats)
+        cmd = _reference_cmd(args, pstats)
     elif target == "kafka":
         assert kafka is not None
         extra = ["--kafka-bootstrap-servers", kafka.bootstrap, "--kafka-topic", kafka.topic]
         if args.compression:
             extra += ["--kafka-compression", args.compression]
-        cmd = _serve_cmd(args, work_dir / "state-kafka", extra, pstats)
+        cmd = _serve_cmd(args, work_dir / f"state-kafka-{round_no}", extra, pstats)
         cpu_groups = kafka.cpu_groups()
     else:
-        cmd = _serve_cmd(args, work_dir / "state-local", [], pstats)
-    server = ServerProcess(TARGET_TITLES[target], cmd, work_dir / f"{target}-server.log")
+        cmd = _serve_cmd(args, work_dir / f"state-local-{round_no}", [], pstats)
+    server = ServerProcess(TARGET_TITLES[target], cmd, work_dir / f"{target}-{round_no}-server.log")
     t0 = time.monotonic()
     server.start()
     say(f"[{target}] server up (pid {server.pid}) in {time.monotonic() - t0:.1f} s"
@@ -566,6 +567,11 @@ def run_target(target: str, args: argparse.Namespace, payloads_path: Path, work_
         f"(steal {_fmt(c.get('machine_steal'))})")
     if result.errors:
         say(f"[{target}] errors by status: {result.errors}")
+    if (c.get("others") or 0) > 0.25:
+        note = (f"other processes used {c['others']:.2f} of {os.cpu_count()} cores during the window: this target "
+                f"competed for CPU, compare spans per server CPU-s rather than spans/s")
+        result.notes.append(note)
+        say(f"[{target}] warning: {note}")
     return result
 
 
@@ -581,13 +587,15 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 def _profiled_main(argv: list[str]) -> int:
-    """``--_profiled PSTATS MODULE ARGS...``: run MODULE as __main__; SIGUSR1 starts cProfile, SIGUSR2 stops it
-    and writes PSTATS. Only the main thread (the event loop) is profiled."""
+    """``--_profiled PSTATS CLOCK MODULE ARGS...``: run MODULE as __main__; SIGUSR1 starts cProfile, SIGUSR2 stops
+    it and writes PSTATS. Only the main thread (the event loop) is profiled. CLOCK ``cpu`` times functions with the
+    main thread's CPU time (time.thread_time), so time the thread spent descheduled on a busy machine is not
+    charged to whatever function it was in; ``wall`` uses cProfile's default wall clock (waiting shows up too)."""
     import cProfile
     import runpy
 
-    pstats_path, module, *rest = argv
-    prof = cProfile.Profile()
+    pstats_path, clock, module, *rest = argv
+    prof = cProfile.Profile(time.thread_time) if clock == "cpu" else cProfile.Profile()
 
     def begin(signum, frame) -> None:
         prof.enable()
@@ -616,6 +624,8 @@ def _short(filename: str) -> str:
 
 def _component(filename: str, name: str) -> str:
     if filename == "~":
+        if any(c in name for c in ("lz4", "zstd", "snappy", "zlib", "Compress", "compress")):
+            return "kafka compression (C, via aiokafka.codec)"
         if "FromString" in name or "SerializeToString" in name or "ParseFromString" in name:
             return "protobuf (upb, C)"
         if "epoll" in name or "select" in name:
@@ -631,7 +641,7 @@ def _component(filename: str, name: str) -> str:
     return top.removesuffix(".py")
 
 
-def report_profile(pstats_path: Path, top: int, wall_s: float) -> dict[str, Any]:
+def report_profile(pstats_path: Path, top: int, wall_s: float, clock: str) -> dict[str, Any]:
     import pstats
 
     stats = pstats.Stats(str(pstats_path))
@@ -645,8 +655,9 @@ def report_profile(pstats_path: Path, top: int, wall_s: float) -> dict[str, Any]
         rows.append({"function": where, "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4), "ncalls": nc,
                      "primitive_calls": cc, "component": comp})
     rows.sort(key=lambda r: r["tottime_s"], reverse=True)
-    say(f"\nProfile of the server's main thread over the measured window ({wall_s:g} s wall, {total:.2f} s "
-        f"profiled; cProfile adds overhead per Python call, so Python-heavy code looks more expensive than it is)")
+    unit = "CPU s of the event-loop thread" if clock == "cpu" else "s wall clock"
+    say(f"\nProfile of the server's main thread over the measured window ({wall_s:g} s wall, {total:.2f} {unit}; "
+        f"cProfile adds overhead per Python call, so Python-heavy code looks more expensive than it is)")
     say(f"top {top} functions by own time (tottime):")
     say(f"{'tottime s':>9} {'%':>5} {'cumtime s':>9} {'calls':>9}  function")
     for r in rows[:top]:
@@ -663,7 +674,7 @@ def report_profile(pstats_path: Path, top: int, wall_s: float) -> dict[str, Any]
         if r["function"].split("/")[0] in ("receiver", "sinks", "trace_source") and shown < 15:
             say(f"{r['cumtime_s']:9.3f} {100 * r['cumtime_s'] / total:5.1f}%  {r['function']}  ({r['ncalls']} calls)")
             shown += 1
-    return {"pstats": str(pstats_path), "profiled_s": round(total, 3), "top_tottime": rows[:top],
+    return {"pstats": str(pstats_path), "clock": clock, "profiled_s": round(total, 3), "top_tottime": rows[:top],
             "components": {k: round(v, 4) for k, v in comps},
             "top_cumtime_project": [r for r in by_cum if r["function"].split("/")[0] in
                                     ("receiver", "sinks", "trace_source")][:15]}
@@ -799,6 +810,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of the comparison, run only TARGET (kafka, local or reference) with its "
                              "server under cProfile during the measured window; writes a .pstats file next to the "
                              "JSON results and prints the top functions")
+    parser.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
+                        help="what --profile measures: 'cpu' = the event-loop thread's CPU time (robust on a busy "
+                             "machine), 'wall' = wall-clock time (shows waiting too) (default: %(default)s)")
     parser.add_argument("--top", type=int, default=25, help="functions listed by --profile (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON results file (default: bench/results/receiver-<timestamp>.json, "
@@ -861,12 +875,12 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"[{target}] phase {i}/{len(phases)}: {TARGET_TITLES[target]}"
                     f"{f' (round {n}/{args.rounds})' if args.rounds > 1 else ''}")
                 pstats_path = out_path.with_suffix(".pstats") if args.profile else None
-                result = run_target(target, args, payloads_path, work_dir, kafka, pstats_path)
+                result = run_target(target, args, payloads_path, work_dir, kafka, pstats_path, n)
                 result.round = n
                 results.append(result)
                 if pstats_path is not None:
                     if pstats_path.exists():
-                        profile = report_profile(pstats_path, args.top, args.duration)
+                        profile = report_profile(pstats_path, args.top, args.duration, args.profile_clock)
                     else:
                         say(f"[{target}] no profile was written ({pstats_path})")
         finally:

@@ -6,8 +6,8 @@ route ``deflate`` to the zlib (RFC 1950) reader, and count the size cap after de
 cap is 413). Unlike the Collector we also accept raw RFC 1951 deflate under ``deflate``/``zlib`` (some HTTP clients
 send that), and answer an unknown coding with 415, not 400.
 
-Every decoder stops once it has produced ``max_bytes + 1`` bytes, so a bomb costs at most about ``max_bytes`` of
-memory and the time to produce it.
+Every decoder stops once it has produced ``max_bytes + 1`` bytes, so a bomb costs about ``max_bytes`` of memory
+(plus one 8 MiB zlib step) and the time to produce it, never the size it claims.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ Follows the OTLP specification (opentelemetry-proto ``docs/specification.md``, v
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
+import functools
 import time
 import uuid
 
@@ -21,7 +23,7 @@ import structlog
 from aiohttp import web
 
 from receiver.auth import Authenticator
-from receiver.decompress import decompress
+from receiver.decompress import SUPPORTED_ENCODINGS, decompress
 from receiver.errors import BadRequest, PayloadTooLarge, ReceiverError, UnsupportedEncoding, UnsupportedMediaType
 from receiver.export import REQUEST_TYPES, ExportService, parse_protobuf
 from receiver.metrics import ReceiverMetrics
@@ -37,8 +39,11 @@ JSON = "application/json"
 _MEDIA_TYPES = {PROTOBUF: PROTOBUF, "application/protobuf": PROTOBUF, JSON: JSON}
 _PATHS = {"/v1/traces": SIGNAL_TRACES, "/v1/logs": SIGNAL_LOGS}
 
-# google.rpc.Code values used in Status bodies.
-_INVALID_ARGUMENT, _RESOURCE_EXHAUSTED, _INTERNAL, _UNAVAILABLE, _UNAUTHENTICATED = 3, 8, 13, 14, 16
+# google.rpc.Code values used in Status bodies (ReceiverError subclasses carry their own).
+_INTERNAL, _UNAVAILABLE, _UNAUTHENTICATED = 13, 14, 16
+_ACCEPT_ENCODING = ", ".join(sorted(SUPPORTED_ENCODINGS))
+# Bodies above this are decoded on a worker thread so one huge request does not stall the event loop.
+_OFFLOAD_BYTES = 1 << 20
 
 
 class HttpReceiver:
@@ -131,7 +136,11 @@ class HttpReceiver:
             except web.HTTPRequestEntityTooLarge:
                 raise PayloadTooLarge(self.max_body_bytes) from None
             self.metrics.received_bytes.labels("http").inc(len(raw))
-            body = decompress(raw, request.headers.get("Content-Encoding"), self.max_body_bytes)
+            encoding = request.headers.get("Content-Encoding")
+            if len(raw) > _OFFLOAD_BYTES:
+                body = await asyncio.to_thread(decompress, raw, encoding, self.max_body_bytes)
+            else:
+                body = decompress(raw, encoding, self.max_body_bytes)
             extra = len(body) + len(raw) - reserved
             self.service.reserve(extra)
             reserved += extra
@@ -143,7 +152,8 @@ class HttpReceiver:
                 message = parse_protobuf(signal, body)
                 passthrough = body
             else:
-                message = parse_json_request(body, REQUEST_TYPES[signal])
+                parse = functools.partial(parse_json_request, body, REQUEST_TYPES[signal])
+                message = await asyncio.to_thread(parse) if len(body) > _OFFLOAD_BYTES else parse()
                 passthrough = None
             outcome = await self.service.export(signal, message, source_id, received_at_ns, passthrough)
             return self._reply(signal, 200, export_response_body(signal, outcome.rejected, outcome.error_message,
@@ -154,13 +164,14 @@ class HttpReceiver:
                                                         retry_after_s=exc.retry_after_s),
                                reply_type, request_id, {"Retry-After": str(exc.retry_after_s)})
         except ReceiverError as exc:
-            status, code = _ERROR_STATUS.get(type(exc), (400, _INVALID_ARGUMENT))
-            log.info("export rejected", request_id=request_id, status=status, reason=exc.message)
+            log.info("export rejected", request_id=request_id, status=exc.http_status, reason=exc.message)
             if type(exc) is UnsupportedMediaType:  # no encoding to answer in: plain text, like the Collector
                 return self._reply(signal, 415, exc.message.encode(), "text/plain", request_id)
-            return self._reply(signal, status, status_body(code, exc.message, reply_type,
-                                                           bad_request_field="body" if status == 400 else None),
-                               reply_type, request_id)
+            headers = {"Accept-Encoding": _ACCEPT_ENCODING} if isinstance(exc, UnsupportedEncoding) else None
+            field = (getattr(exc, "field", None) or "body") if isinstance(exc, BadRequest) else None
+            return self._reply(signal, exc.http_status, status_body(exc.grpc_code, exc.message, reply_type,
+                                                                    bad_request_field=field),
+                               reply_type, request_id, headers)
         except Exception:  # a bug, never bad input: answer 500 rather than dropping the connection
             log.exception("internal error while exporting", request_id=request_id)
             return self._reply(signal, 500, status_body(_INTERNAL, "internal error", reply_type), reply_type,
@@ -187,11 +198,3 @@ class HttpReceiver:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
-
-
-_ERROR_STATUS: dict[type, tuple[int, int]] = {
-    BadRequest: (400, _INVALID_ARGUMENT),
-    PayloadTooLarge: (413, _RESOURCE_EXHAUSTED),
-    UnsupportedMediaType: (415, _INVALID_ARGUMENT),
-    UnsupportedEncoding: (415, _INVALID_ARGUMENT),
-}

@@ -32,12 +32,23 @@ KAFKA_BOOTSTRAP_ENV = "TRACE_SOURCE_TEST_KAFKA_BOOTSTRAP"
 NO_KAFKA_HELP = f"""\
 No Kafka broker for the tests: {{reason}}
 
-Provide one in either way:
+Provide one in one of two ways:
   * set {KAFKA_BOOTSTRAP_ENV}=host:port to use a running Kafka broker
     (fault tests that stop brokers still need the second way);
   * install Java 17+ and Maven (`java` and `mvn` on PATH) so tests/kafka_harness.py
     can fetch Apache Kafka {KAFKA_VERSION} from Maven Central and start brokers itself
     (`python tests/kafka_harness.py --fetch` fetches the jars ahead of time)."""
+
+
+def _or_fail(action: Callable[[], object], context: str = "") -> None:
+    """Run *action*; if it cannot get a broker, fail the test with :data:`NO_KAFKA_HELP`."""
+    try:
+        action()
+        return
+    except (KafkaHarnessError, OSError) as exc:
+        reason = f"{context}{exc}"
+    # Outside the except block, so the report shows the help, not a chained traceback.
+    pytest.fail(NO_KAFKA_HELP.format(reason=reason), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -49,17 +60,11 @@ def kafka_bootstrap() -> Iterator[str]:
     """
     given = os.environ.get(KAFKA_BOOTSTRAP_ENV)
     if given:
-        try:
-            probe_kafka(given)
-        except KafkaHarnessError as exc:
-            pytest.fail(NO_KAFKA_HELP.format(reason=f"{KAFKA_BOOTSTRAP_ENV}: {exc}"), pytrace=False)
+        _or_fail(lambda: probe_kafka(given), f"{KAFKA_BOOTSTRAP_ENV}={given}: ")
         yield given
         return
     broker = KafkaBroker()
-    try:
-        broker.start()
-    except (KafkaHarnessError, OSError) as exc:
-        pytest.fail(NO_KAFKA_HELP.format(reason=exc), pytrace=False)
+    _or_fail(broker.start)
     try:
         yield broker.bootstrap_servers
     finally:
@@ -80,10 +85,7 @@ def kafka_broker_factory() -> Iterator[Callable[..., KafkaCluster]]:
     def start(nodes: int = 1, **kwargs: Any) -> KafkaCluster:
         cluster = KafkaCluster(nodes, **kwargs)
         clusters.append(cluster)
-        try:
-            cluster.start()
-        except (KafkaHarnessError, OSError) as exc:
-            pytest.fail(NO_KAFKA_HELP.format(reason=exc), pytrace=False)
+        _or_fail(cluster.start)
         return cluster
 
     yield start

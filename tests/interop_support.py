@@ -15,8 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import requests
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.proto.logs.v1.logs_pb2 import LogsData
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -78,16 +83,22 @@ async def landed_kafka(bootstrap: str, topic: str, timeout_s: float = 60.0) -> l
 
     A header that occurs more than once is an error (the contract says each header is present once).
     """
+    async with asyncio.timeout(timeout_s):
+        # The consumer's own metadata only covers topics it tracks; ask an admin client for the partitions.
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="interop-test-reader")
+        await admin.start()
+        try:
+            (described,) = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+    assert described["error_code"] == 0 and described["partitions"], f"topic {topic!r} on {bootstrap}: {described}"
+    tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 client_id="interop-test-reader")
     await consumer.start()
     out: list[Landed] = []
     try:
         async with asyncio.timeout(timeout_s):
-            if topic not in await consumer.topics():
-                raise AssertionError(f"topic {topic!r} does not exist on {bootstrap}")
-            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-            assert tps, f"topic {topic!r} has no partitions"
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             end = await consumer.end_offsets(tps)
@@ -272,6 +283,17 @@ def make_agent_traces(provider: TracerProvider, scope: tuple[str, str], n_traces
                             tool.set_status(Status(StatusCode.ERROR, "tool timed out"))
                     chat.add_event("gen_ai.content.completion", {"gen_ai.completion": '{"tool": "search"}'})
     return ids
+
+
+def span_exporter(serve, transport: str, gzip: bool = False, headers: dict | None = None, timeout: float = 30):
+    """The SDK's OTLP span exporter for ``serve`` (a ServeProcess): ``transport`` ``"http"`` (protobuf) or
+    ``"grpc"`` (insecure), optionally gzip-compressed, with extra ``headers`` and the exporter's overall ``timeout``
+    (seconds, retries included)."""
+    if transport == "http":
+        return HttpSpanExporter(endpoint=f"{serve.http_url}/v1/traces", headers=headers, timeout=timeout,
+                                compression=HttpCompression.Gzip if gzip else HttpCompression.NoCompression)
+    return GrpcSpanExporter(endpoint=serve.grpc_target, insecure=True, headers=headers, timeout=timeout,
+                            compression=grpc.Compression.Gzip if gzip else grpc.Compression.NoCompression)
 
 
 # --------------------------------------------------------------------------- serve's /metrics and /readyz

@@ -11,6 +11,8 @@ Pieces:
 * :func:`ensure_kafka_jars` fetches the jars once into a cache outside git.
 * :class:`KafkaCluster` runs 1..N combined broker+controller nodes on loopback, with
   per-node stop/start/kill for fault tests; :class:`KafkaBroker` is the one-node case.
+* :func:`probe_kafka` checks that a broker answers; :func:`create_topic` makes a topic
+  and raises the broker's error (the test brokers never auto-create topics).
 * ``python tests/kafka_harness.py --fetch`` / ``--run [--nodes 3]`` for developers.
 
 The core classes do not depend on pytest; ``tests/conftest.py`` wraps them in fixtures.
@@ -272,13 +274,21 @@ class _Node:
         self.process = None
 
     def log_tail(self, lines: int = 40) -> str:
+        """The broker's ERROR lines and the last *lines* of its logs, for error messages.
+
+        The ERROR lines come first because a failed start ends in a long tail of
+        orderly shutdown messages that buries the actual cause.
+        """
         parts = []
         for name in ("server.log", "stdout.log"):
             path = self.logs_dir / name
-            if path.is_file():
-                text = path.read_text(errors="replace")
-                if text.strip():
-                    parts.append(f"--- {path} (last {lines} lines) ---\n{_tail(text, lines)}")
+            text = path.read_text(errors="replace") if path.is_file() else ""
+            if not text.strip():
+                continue
+            errors = [line for line in text.splitlines() if "] ERROR " in line][-10:]
+            if errors:
+                parts.append(f"--- ERROR lines of {path} ---\n" + "\n".join(errors))
+            parts.append(f"--- {path} (last {lines} lines) ---\n{_tail(text, lines)}")
         return "\n".join(parts) or f"(no output in {self.logs_dir})"
 
 
@@ -289,6 +299,7 @@ class KafkaCluster:
     directory under one temp directory. A static ``controller.quorum.voters`` list is
     used, so all nodes are formatted the same way and any node can be stopped and
     started again with the same identity, ports and data ("broker down, then back").
+    Methods take a 0-based node *index*; node *index* has Kafka ``node.id`` index + 1.
 
     Topic defaults follow the node count: replication factor ``min(nodes, 3)`` and
     ``min.insync.replicas`` one less (at least 1), applied to the internal offsets and
@@ -487,11 +498,11 @@ class KafkaCluster:
     def _wait_ready(self, nodes: list[_Node], deadline: float) -> None:
         """Block until each of *nodes* accepts TCP and serves metadata listing itself.
 
-        The TCP check alone is not enough: a KRaft broker binds its listener early but
-        only processes requests once the controller has unfenced it. Listing itself in a
-        metadata response is the sign that it is a full cluster member. The aiokafka
-        probe runs on a private event loop in a worker thread, so this works whether or
-        not the caller already runs an event loop.
+        Only the node's own metadata listing itself shows that the node is a full
+        cluster member again; the port alone could even belong to another process.
+        The TCP poll first is cheap and spares one aiokafka connection-error log line
+        per retry while the JVM boots. The aiokafka probe runs on a private event loop
+        in a worker thread, so this works whether or not the caller runs a loop.
         """
         for node in nodes:
             while not _port_open(node.broker_port):
@@ -652,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     with KafkaCluster(args.nodes, version=args.version) as cluster:
         print(f"ready after {time.monotonic() - began:.1f}s", file=sys.stderr)
         for i in range(args.nodes):
-            print(f"node {i}: {cluster.node_address(i)}  log: {cluster.log_path(i)}", file=sys.stderr)
+            address, log = cluster.node_address(i), cluster.log_path(i)
+            print(f"node {i}: {address}  log: {log}", file=sys.stderr)
         print(cluster.bootstrap_servers, flush=True)
         stop.wait()
         print("stopping", file=sys.stderr)

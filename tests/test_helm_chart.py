@@ -7,6 +7,7 @@ Kubernetes 1.31 OpenAPI schemas with ``kubernetes-validate`` (strict: unknown fi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from trace_source.cli import main
 from trace_source.settings import ServeSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,11 +60,14 @@ def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 def template(helm: str, *set_args: str, values: Path | None = None, bootstrap: str | None = BOOTSTRAP,
              check: bool = True) -> subprocess.CompletedProcess[str] | list[dict[str, Any]]:
-    """``helm template`` the chart; the rendered objects, or the finished process when ``check`` is False."""
+    """``helm template`` the chart; the rendered objects, or the finished process when ``check`` is False.
+
+    ``bootstrap`` is set with ``--set`` (which beats a values file), unless ``values`` is given or it is None.
+    """
     args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
     if values is not None:
         args += ["--values", str(values)]
-    if bootstrap is not None:
+    elif bootstrap is not None:
         args += ["--set", f"kafka.bootstrapServers={bootstrap}"]
     for s in set_args:
         args += ["--set", s]
@@ -89,6 +95,17 @@ def receiver_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def settings_from_env(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> ServeSettings:
+    """What the app makes of the rendered env vars, parsed the way ``serve`` parses its environment."""
+    for name in os.environ:
+        if name.startswith("TRACE_SOURCE_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    return ServeSettings()
 
 
 # --------------------------------------------------------------------------- required values and lint
@@ -120,8 +137,6 @@ def test_schema_rejects_unknown_and_chart_managed_keys(helm):
 
 def test_schema_settings_cover_every_serve_setting():
     """A new ServeSettings field must be offered under receiver.settings or deliberately set/excluded by the chart."""
-    import json
-
     schema = json.loads((CHART / "values.schema.json").read_text())
     offered = set(schema["properties"]["receiver"]["properties"]["settings"]["properties"])
     fields = set(ServeSettings.model_fields)
@@ -140,7 +155,7 @@ def test_default_render_objects(helm):
         assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
 
-def test_env_ports_and_command_are_wired(helm):
+def test_env_ports_and_command_are_wired(helm, monkeypatch):
     objects = template(helm)
     deployment = one(objects, "Deployment")
     assert deployment["metadata"]["name"] == RECEIVER
@@ -161,9 +176,10 @@ def test_env_ports_and_command_are_wired(helm):
     # Every TRACE_SOURCE_* name the chart sets is a real serve setting.
     names = {n.removeprefix("TRACE_SOURCE_").lower() for n in env}
     assert names <= set(ServeSettings.model_fields)
-    # The settings the env describes are accepted by the app itself.
-    settings = ServeSettings(**{n: v for n, v in zip(names, env.values(), strict=True)})
-    assert settings.host == "0.0.0.0" and settings.port == 4319 and settings.grpc_port == 4317
+    # The app accepts the env and reads what the chart meant.
+    settings = settings_from_env(env, monkeypatch)
+    assert (settings.host, settings.port, settings.grpc_port, settings.grpc_enabled) == ("0.0.0.0", 4319, 4317, True)
+    assert settings.kafka_bootstrap_servers == BOOTSTRAP and settings.shutdown_grace_s == 10.0
 
     assert {(p["name"], p["containerPort"]) for p in c["ports"]} == {("otlp-http", 4319), ("otlp-grpc", 4317)}
     service = one(objects, "Service")
@@ -175,9 +191,12 @@ def test_env_ports_and_command_are_wired(helm):
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
 
-def test_settings_and_ports_follow_values(helm):
+def test_settings_and_ports_follow_values(helm, monkeypatch):
     objects = template(helm, values=ALL_ON_VALUES)
     env = env_of(receiver_container(objects))
+    settings = settings_from_env(env, monkeypatch)
+    assert settings.cors_allowed_origins == ["https://a.example.com", "https://*.example.org"]
+    assert (settings.max_inflight_bytes, settings.sink_timeout_s, settings.log_level) == (268435456, 2.5, "debug")
     assert env["TRACE_SOURCE_LOG_LEVEL"] == "debug"
     assert env["TRACE_SOURCE_MAX_RECORD_BYTES"] == "4000000"
     assert env["TRACE_SOURCE_MAX_INFLIGHT_BYTES"] == "268435456"  # not 2.68435456e+08
@@ -243,8 +262,10 @@ def test_hpa_and_pdb_only_when_enabled(helm):
     assert pdb["spec"]["selector"]["matchLabels"] == one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
     assert not by_kind(objects, "HorizontalPodAutoscaler")
 
-    pdb = one(template(helm, "receiver.podDisruptionBudget.enabled=true", "receiver.podDisruptionBudget.minAvailable=null",
-                       "receiver.podDisruptionBudget.maxUnavailable=25%"), "PodDisruptionBudget")
+    objects = template(helm, "receiver.podDisruptionBudget.enabled=true",
+                       "receiver.podDisruptionBudget.minAvailable=null",
+                       "receiver.podDisruptionBudget.maxUnavailable=25%")
+    pdb = one(objects, "PodDisruptionBudget")
     assert pdb["spec"] == {"maxUnavailable": "25%", "selector": pdb["spec"]["selector"]}
     proc = template(helm, "receiver.podDisruptionBudget.enabled=true", "receiver.podDisruptionBudget.maxUnavailable=1",
                     check=False)
@@ -278,11 +299,7 @@ def test_service_monitor_and_topics_job(helm):
     assert env["TRACE_SOURCE_KAFKA_TOPIC"] == "trace-source.spans"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
-    # The CLI accepts exactly these arguments.
-    from click.testing import CliRunner
-
-    from trace_source.cli import main
-
+    # The CLI knows these flags.
     result = CliRunner().invoke(main, ["topics", "create", "--help"])
     for flag in c["args"][2::2]:
         assert flag in result.output

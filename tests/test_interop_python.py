@@ -20,10 +20,7 @@ from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogExporter
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
-from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -54,6 +51,7 @@ from interop_support import (
     log_records_of,
     make_agent_traces,
     metric,
+    span_exporter,
 )
 from serve_proc import ServeProcess
 
@@ -68,15 +66,6 @@ CLIENTS = [
     pytest.param("grpc", False, "simple", id="grpc-simple"),
     pytest.param("grpc", True, "batch", id="grpc-gzip-batch"),
 ]
-
-
-def span_exporter(serve: ServeProcess, transport: str, gzip: bool = False, headers: dict | None = None,
-                  timeout: float = 30):
-    if transport == "http":
-        return HttpSpanExporter(endpoint=f"{serve.http_url}/v1/traces", headers=headers, timeout=timeout,
-                                compression=HttpCompression.Gzip if gzip else HttpCompression.NoCompression)
-    return GrpcSpanExporter(endpoint=serve.grpc_target, insecure=True, headers=headers, timeout=timeout,
-                            compression=grpc.Compression.Gzip if gzip else grpc.Compression.NoCompression)
 
 
 def send_agent_traces(serve: ServeProcess, transport: str, gzip: bool, processor: str, n_traces: int = 4,

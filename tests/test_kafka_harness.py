@@ -31,7 +31,9 @@ async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
         await producer.stop()
 
 
-async def consume(bootstrap: str, topic: str, count: int, group_id: str | None = None) -> list[bytes]:
+async def consume(
+    bootstrap: str, topic: str, count: int, group_id: str | None = None
+) -> list[bytes]:
     """Read *count* records from the start of *topic* (committing them if in a group)."""
     consumer = AIOKafkaConsumer(
         topic,
@@ -106,7 +108,9 @@ async def test_topics_are_not_auto_created(kafka_bootstrap: str) -> None:
 
 
 @pytest.mark.kafka
-async def test_single_node_keeps_data_and_address_across_restart(kafka_broker_factory: Callable[..., KafkaCluster]) -> None:
+async def test_single_node_keeps_data_and_address_across_restart(
+    kafka_broker_factory: Callable[..., KafkaCluster],
+) -> None:
     broker: KafkaCluster = await asyncio.to_thread(kafka_broker_factory, 1)
     bootstrap = broker.bootstrap_servers
     await create_topic(bootstrap, "durable")
@@ -123,7 +127,9 @@ async def test_single_node_keeps_data_and_address_across_restart(kafka_broker_fa
 
 @pytest.mark.kafka
 @pytest.mark.slow
-async def test_three_nodes_survive_a_killed_node(kafka_broker_factory: Callable[..., KafkaCluster]) -> None:
+async def test_three_nodes_survive_a_killed_node(
+    kafka_broker_factory: Callable[..., KafkaCluster],
+) -> None:
     cluster: KafkaCluster = await asyncio.to_thread(kafka_broker_factory, 3)
     bootstrap = cluster.bootstrap_servers
     await create_topic(bootstrap, "replicated", replication_factor=3)

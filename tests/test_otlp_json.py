@@ -445,7 +445,7 @@ def any_value_docs(depth: int = 6):
     )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     span=st.dictionaries(st.sampled_from(SPAN_KEYS), json_values, max_size=6),
     attr=any_value_docs(),

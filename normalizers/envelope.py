@@ -1,0 +1,269 @@
+"""The upload envelope: one assembled trace, as a versioned pydantic v2 model with a published JSON Schema.
+
+An :class:`Envelope` is what the assembler produces per closed trace (topic ``trace-source.traces``, key = trace id,
+header ``idempotency-key`` = :attr:`Envelope.idempotency_key`) and what every later stage reads. Field by field
+documentation, the idempotency key definition and the versioning rules are in ``docs/envelope.md``; the JSON Schema
+generated from these models is committed as ``normalizers/schema/envelope.v1.schema.json`` (regenerate it with
+``python -m normalizers.envelope --write-schema``; a test fails when it drifts from the models).
+
+Conventions (shared with ``normalizers.canonical``): ids are lowercase hex ``str``; times are ``int`` unix
+nanoseconds; attribute maps are ``dict[str, Any]`` of JSON values. Times exceed 2**53, so JSON consumers outside
+Python need an integer-preserving parser (JavaScript: a BigInt-aware ``JSON.parse``).
+
+Pure code: no I/O except the ``--write-schema`` command-line entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from normalizers.agent_run import AgentRun
+from normalizers.canonical import CanonicalLogEvent, CanonicalSpan
+
+#: Value of :attr:`Envelope.schema_version`. The suffix is the major version of the envelope schema; see
+#: "Versioning" in ``docs/envelope.md`` for what changes it.
+SCHEMA_VERSION = "trace-source.envelope/v1"
+
+#: The committed JSON Schema for :data:`SCHEMA_VERSION`.
+SCHEMA_PATH = Path(__file__).with_name("schema") / "envelope.v1.schema.json"
+
+#: Closing reasons of a trace, see :attr:`Completeness.closed_reason`.
+ClosedReason = Literal["root-ended-and-quiet", "max-wait", "evicted"]
+
+_TRACE_ID = r"^[0-9a-f]{32}$"
+_TRACE_ID_RE = re.compile(_TRACE_ID)
+_KEY = r"^[0-9a-f]{64}$"
+# "owner/name", or deeper paths for hosts with groups ("group/subgroup/name"); no scheme, host or ".git".
+_REPOSITORY = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$"
+_REPOSITORY_RE = re.compile(_REPOSITORY)
+# https://host/owner/name(.git), ssh://git@host/owner/name.git, git@host:owner/name.git
+_REPO_URL_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*://)?(?:[^@/\s]+@)?[^/:\s]+[:/](?P<path>[^\s?#]+?)(?:\.git)?/?$")
+
+
+def envelope_idempotency_key(trace_id: str, spans: Iterable[CanonicalSpan]) -> str:
+    """Envelope-level idempotency key: 64 lowercase hex characters (SHA-256), see DESIGN.md "Idempotency keys".
+
+    The digest covers the trace id and the *set* of ``(span_id, end_time_unix_nano, status_code)`` triples, so span
+    order and repeated (identical) spans do not change it, while a span that ends later, changes its status, or is
+    added does. Attributes, names and status messages are deliberately left out: redaction rewrites them and must not
+    change the key, and a span is not expected to change them without also changing its end time.
+
+    Byte layout hashed (ASCII, every line terminated by ``\\n``, no other separators or padding)::
+
+        <trace_id>\\n
+        <span_id> <end_time_unix_nano> <status_code>\\n     one line per distinct triple, sorted
+
+    * ``trace_id``: 32 lowercase hex characters.
+    * ``span_id``: the span id as carried by the canonical span (16 lowercase hex characters; ``""`` if absent).
+    * ``end_time_unix_nano``: base-10 integer, no sign, no leading zeros (``0`` for a span without an end time).
+    * ``status_code``: the OTLP short name, ``UNSET`` / ``OK`` / ``ERROR``.
+    * Sorted by span id (byte order), then end time (numerically), then status code (byte order); identical triples
+      appear once. A trace without spans hashes just its first line.
+
+    Example: trace ``4bf92f3577b34da6a3ce929d0e0e4736`` with one span ``00f067aa0ba902b7`` ending at
+    ``1700000000000000000`` with status ``OK`` hashes the 68 bytes
+    ``b"4bf92f3577b34da6a3ce929d0e0e4736\\n00f067aa0ba902b7 1700000000000000000 OK\\n"``.
+
+    Raises ``ValueError`` when ``trace_id`` is not 32 lowercase hex characters (an uppercase id would silently
+    produce a second key for the same trace).
+    """
+    if not _TRACE_ID_RE.match(trace_id):
+        raise ValueError(f"trace id must be 32 lowercase hex characters, got {trace_id!r}")
+    triples = sorted({(s.span_id, s.end_time_unix_nano, s.status_code) for s in spans})
+    h = hashlib.sha256(f"{trace_id}\n".encode("ascii"))
+    for span_id, end, status in triples:
+        h.update(f"{span_id} {end} {status}\n".encode())
+    return h.hexdigest()
+
+
+def repository_from(configured: str | None, resource: Mapping[str, Any]) -> str | None:
+    """The envelope's ``repository`` (``"owner/name"``) from configuration, else from resource attributes, else None.
+
+    Configuration wins: the operator names the repository per source, and a resource attribute is whatever the
+    agent process was started with. Resource attributes read (OTel semantic conventions, ``vcs.*``):
+    ``vcs.repository.url.full`` (``https://github.com/owner/name``, ``git@github.com:owner/name.git``; reduced to
+    the path), else ``vcs.owner.name`` + ``vcs.repository.name``. A resource value that does not reduce to an
+    ``owner/name`` path is ignored (returns None) rather than guessed at; a configured value is returned unchanged
+    and checked by :class:`Envelope` validation.
+    """
+    if configured:
+        return configured
+    url = resource.get("vcs.repository.url.full")
+    if isinstance(url, str) and (m := _REPO_URL_RE.match(url.strip())):
+        path = m.group("path").strip("/")
+        if _REPOSITORY_RE.match(path):
+            return path
+    owner, name = resource.get("vcs.owner.name"), resource.get("vcs.repository.name")
+    if isinstance(owner, str) and isinstance(name, str) and _REPOSITORY_RE.match(f"{owner}/{name}"):
+        return f"{owner}/{name}"
+    return None
+
+
+class Source(BaseModel):
+    """Where the trace came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, description=(
+        "Source id: for pushed OTLP data the id the receiver mapped the exporter's bearer token to (or the "
+        "configured default when authentication is off); for pulled sources the name the source is registered "
+        "under."), examples=["default", "support-agent-prod"])
+    kind: str = Field(pattern=r"^[a-z][a-z0-9-]*$", description=(
+        "How the trace arrived, a lowercase slug. Known kinds: otlp-http, otlp-grpc, file, langfuse, braintrust, "
+        "postgres, supabase. New kinds may appear without a schema version change; consumers must not reject an "
+        "unknown kind."), examples=["otlp-http", "otlp-grpc", "file", "langfuse", "postgres"])
+
+
+class Completeness(BaseModel):
+    """How complete the assembled trace is and why the assembler stopped waiting for more spans."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root_seen: bool = Field(description=(
+        "True when a span without a parent (the trace's root) was received. False means the trace was closed "
+        "without its root, so the agent-run view may miss the run's input, output and final status."))
+    closed_reason: ClosedReason = Field(description=(
+        "Why the trace was closed: 'root-ended-and-quiet' (the root ended and no span arrived for the quiet "
+        "period), 'max-wait' (the maximum wait since the first span passed), 'evicted' (closed early to bound the "
+        "assembler's memory)."))
+
+
+class RedactionReport(BaseModel):
+    """What redaction (``normalizers.redact``) did to this envelope's content.
+
+    Counts are occurrences: one masked secret inside a longer string counts 1, a string value masked whole counts 1,
+    each dropped attribute counts 1 (its nested values are not counted separately).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    masking_applied: bool = Field(False, description=(
+        "True when secret masking ran over the spans, log events and agent-run view. False means the content is "
+        "as received and may contain secrets."))
+    masked: dict[str, int] = Field(default_factory=dict, description=(
+        "Masked occurrences per rule name (e.g. 'openai-api-key', 'bearer-token', 'secret-attribute'); rules "
+        "that masked nothing are absent. Each occurrence was replaced by '[REDACTED:<rule>]'."))
+    dropped_by_allow_list: int = Field(0, ge=0, description=(
+        "Attributes removed because their key matched no entry of the configured allow list."))
+    dropped_by_deny_list: int = Field(0, ge=0, description=(
+        "Attributes removed because their key matched an entry of the configured deny list."))
+
+    def merged(self, other: RedactionReport) -> RedactionReport:
+        """Sum of two reports (``masking_applied`` only if both applied masking)."""
+        masked = dict(self.masked)
+        for rule, n in other.masked.items():
+            masked[rule] = masked.get(rule, 0) + n
+        return RedactionReport(
+            masking_applied=self.masking_applied and other.masking_applied, masked=dict(sorted(masked.items())),
+            dropped_by_allow_list=self.dropped_by_allow_list + other.dropped_by_allow_list,
+            dropped_by_deny_list=self.dropped_by_deny_list + other.dropped_by_deny_list)
+
+
+class Envelope(BaseModel):
+    """One assembled trace: its spans, correlated GenAI log events, and the agent-run view built from them.
+
+    Validation (``Envelope(...)``, :meth:`from_json_bytes`) raises ``pydantic.ValidationError`` for a wrong type or
+    format, an unknown field, a span of another trace, a duplicate span id, a log event of another trace, or an
+    ``idempotency_key`` that is not :func:`envelope_idempotency_key` of the trace id and spans.
+    """
+
+    model_config = ConfigDict(extra="forbid", title="trace-source upload envelope")
+
+    schema_version: Literal["trace-source.envelope/v1"] = Field(SCHEMA_VERSION, description=(
+        "Envelope schema identifier; the suffix is the major version. A consumer must reject a version it does "
+        "not know."))
+    idempotency_key: str = Field(pattern=_KEY, description=(
+        "SHA-256 (lowercase hex) over the trace id and the sorted set of (span id, end time, status code); see "
+        "docs/envelope.md. Equal keys mean the same trace content, so stages skip an envelope whose key they "
+        "already processed."))
+    envelope_version: int = Field(1, ge=1, description=(
+        "1 for the first envelope of a trace; N+1 when spans arriving after the trace was closed make the "
+        "assembler emit it again. A higher version supersedes lower ones for the same trace id."))
+    trace_id: str = Field(pattern=_TRACE_ID, description="The trace id, 32 lowercase hex characters.")
+    source: Source
+    repository: str | None = Field(None, pattern=_REPOSITORY, description=(
+        "The agent's code repository as 'owner/name' (deeper paths for hosts with groups), from the source's "
+        "configuration or the resource attribute vcs.repository.url.full; null when unknown."),
+        examples=["acme/support-agent"])
+    received_at_unix_nano: int = Field(ge=0, description=(
+        "When the first span (or log event) of the trace reached trace-source, unix time in nanoseconds "
+        "(for OTLP: the receiver's receive time of the earliest batch)."))
+    assembled_at_unix_nano: int = Field(ge=0, description=(
+        "When the assembler closed the trace and built this envelope, unix time in nanoseconds."))
+    completeness: Completeness
+    resource: dict[str, Any] = Field(default_factory=dict, description=(
+        "Resource attributes of the process that produced the trace (those of the root span, else of the earliest "
+        "span). Each span and log event also carries its own resource."))
+    spans: list[CanonicalSpan] = Field(default_factory=list, description=(
+        "The trace's spans in canonical form (normalizers.canonical), one per span id, ordered by start time then "
+        "span id. Empty only for a trace made of log events alone."))
+    log_events: list[CanonicalLogEvent] = Field(default_factory=list, description=(
+        "GenAI log events correlated with the trace (same trace id, or no trace id but attributed to it by the "
+        "assembler), ordered by time."))
+    agent_run: AgentRun = Field(default_factory=AgentRun, description=(
+        "The agent-run view derived from spans and log events by the dialect readers (normalizers.agent_run)."))
+    redaction: RedactionReport = Field(default_factory=RedactionReport, description=(
+        "What redaction masked and dropped before the envelope left the assembler."))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Envelope:
+        seen: set[str] = set()
+        for s in self.spans:
+            if s.trace_id != self.trace_id:
+                raise ValueError(f"span {s.span_id!r} belongs to trace {s.trace_id!r}, not {self.trace_id!r}")
+            if s.span_id in seen:
+                raise ValueError(f"duplicate span id {s.span_id!r}")
+            seen.add(s.span_id)
+        for e in self.log_events:
+            if e.trace_id not in ("", self.trace_id):
+                raise ValueError(f"log event belongs to trace {e.trace_id!r}, not {self.trace_id!r}")
+        expected = envelope_idempotency_key(self.trace_id, self.spans)
+        if self.idempotency_key != expected:
+            raise ValueError(f"idempotency_key {self.idempotency_key!r} does not match the trace id and spans "
+                             f"(expected {expected!r})")
+        return self
+
+    def to_json_bytes(self) -> bytes:
+        """UTF-8 JSON of the whole envelope (every field, defaults included), as published on the traces topic."""
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes | str) -> Envelope:
+        """Parse and validate envelope JSON; raises ``pydantic.ValidationError`` (see the class docstring)."""
+        return cls.model_validate_json(data)
+
+
+def envelope_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of :class:`Envelope`, as committed in :data:`SCHEMA_PATH`."""
+    schema = Envelope.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$comment": (
+        f"Generated from normalizers/envelope.py for {SCHEMA_VERSION} by 'python -m normalizers.envelope "
+        "--write-schema'; do not edit by hand. Field documentation: docs/envelope.md."), **schema}
+
+
+def schema_file_text() -> str:
+    """:func:`envelope_json_schema` serialized exactly as committed (2-space indent, trailing newline)."""
+    return json.dumps(envelope_json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    """``python -m normalizers.envelope --write-schema [PATH]``: (re)write the committed JSON Schema."""
+    if not argv or argv[0] != "--write-schema" or len(argv) > 2:
+        print("usage: python -m normalizers.envelope --write-schema [PATH]", file=sys.stderr)
+        return 2
+    path = Path(argv[1]) if len(argv) == 2 else SCHEMA_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(schema_file_text(), encoding="utf-8")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
