@@ -20,6 +20,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from normalizers.canonical import CanonicalLogEvent, CanonicalSpan
+from normalizers.dialects import read_logs, read_span
+from normalizers.dialects._base import LogFacts, SpanView, put, to_str
+from normalizers.dialects._messages import first_text, last_text, message_text
+
 
 class MessagePart(BaseModel):
     """One part of a :class:`Message` (GenAI ≥1.37 part types, semconv §2.1).
@@ -155,3 +160,304 @@ class AgentRun(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     session_id: str | None = None
     user_id: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------- building
+
+# Span kinds that describe a whole run (semconv §1 "kind: agent" / "kind: chain/workflow").
+_RUN_KINDS = frozenset({"agent", "workflow", "chain", "task"})
+# Kinds whose own input/output is never the run's, even on a trace root.
+_STEP_KINDS = frozenset({"llm", "tool", "embedding", "retriever"})
+# Finish reasons that end a turn with an answer (semconv §5 "Final output": stop / end_turn; Gemini's STOP is
+# lower-cased; Anthropic's stop_sequence is a normal end too).
+_TERMINAL = frozenset({"stop", "end_turn", "stop_sequence"})
+_USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
+                 "reasoning_tokens")
+
+
+def build_agent_run(spans: list[CanonicalSpan], log_events: list[CanonicalLogEvent]) -> AgentRun:
+    """Spans and log records of ONE trace -> its :class:`AgentRun`. Pure; never raises on odd attribute values.
+
+    Rules (agent-semconv.md):
+
+    * each span is read by every dialect it matches (§3), dialect-specific keys first; spans no dialect
+      recognizes add nothing;
+    * one :class:`LlmCall` per LLM span; GenAI content log records and Claude Code ``api_request`` records join
+      the call of their span id, or become calls of their own (§5 "Index logs by (trace_id, span_id)");
+    * tool calls come from tool spans, Claude Code ``tool_result`` records and, when nothing traced the execution,
+      from ``tool_call`` / ``tool_call_response`` message parts, joined by call id (or, for spans without one, by
+      tool name in time order);
+    * task input / final output (§1 rows "run task input" / "run final output", §5): Langfuse trace-level value →
+      the shallowest run span's own input/output → first user text of the earliest LLM call / last assistant
+      text of the last LLM call that ended with a terminal finish reason (or none) → Claude Code prompt/response
+      records;
+    * errors (§4): status ERROR / ``exception`` events of recognized spans, dialect error attributes, error log
+      records; errors on the run's root span are ``fatal``;
+    * usage: see :class:`Usage`.
+    """
+    ordered = sorted(spans, key=lambda s: (s.start_time_unix_nano, s.span_id))
+    by_id = {s.span_id: s for s in ordered}
+    depth = _depths(by_id)
+    views: dict[str, SpanView] = {}
+    for span in ordered:
+        if (view := read_span(span)) is not None:
+            views[span.span_id] = view
+    facts = read_logs(log_events, views)
+    shallow = sorted(views.values(), key=lambda v: depth[v.span.span_id])  # stable: start order within a depth
+
+    run_view = next((v for v in shallow if v.kind in _RUN_KINDS), None)
+    llm_calls = _llm_calls(views, facts, by_id)
+    errors, span_error = _errors(views, facts, run_view, depth)
+    for call in llm_calls:
+        call.error = span_error.get(call.span_id)
+    tool_calls = _tool_calls(views, facts, llm_calls, span_error)
+
+    # Run-level inputs: the shallowest run span, else a trace root that is not itself one step.
+    io_views = [v for v in shallow if v.kind in _RUN_KINDS
+                or (depth[v.span.span_id] == 0 and v.kind not in _STEP_KINDS)]
+    task_input = (_first(v.trace_input for v in shallow) or _first(v.run_input for v in io_views)
+                  or _first(first_text(_dump(c.input_messages), "user") for c in llm_calls)
+                  or facts.task_input)
+    final_output = (_first(v.trace_output for v in shallow) or _first(v.run_output for v in io_views)
+                    or _last_answer(llm_calls) or facts.final_output)
+
+    dialects: list[str] = []
+    for name in (*(n for v in views.values() for n in v.dialects), *facts.dialects):
+        if name not in dialects:
+            dialects.append(name)
+    return AgentRun(
+        dialects=dialects,
+        agent_name=(_first(v.agent_name for v in shallow if v.kind == "agent")
+                    or _first(v.agent_name for v in shallow) or _first(v.workflow_name for v in shallow)
+                    or facts.agent_name),
+        task_input=task_input,
+        final_output=final_output,
+        llm_calls=llm_calls,
+        tool_calls=tool_calls,
+        errors=errors,
+        usage=_usage(llm_calls, tool_calls, shallow, by_id),
+        session_id=_first(v.session_id for v in shallow) or facts.session_id,
+        user_id=_first(v.user_id for v in shallow) or facts.user_id,
+    )
+
+
+def _first(values) -> Any:
+    return next((v for v in values if v), None)
+
+
+def _dump(messages: list[Message]) -> list[dict[str, Any]]:
+    return [m.model_dump(exclude_none=True) for m in messages]
+
+
+def _depths(by_id: dict[str, CanonicalSpan]) -> dict[str, int]:
+    """Span id -> depth below the trace root; a span whose parent is not in the trace counts as a root, and a
+    parent cycle is cut where it closes."""
+    depth: dict[str, int] = {}
+    for sid in by_id:
+        path: list[str] = []
+        seen: set[str] = set()
+        cur = sid
+        while cur in by_id and cur not in depth and cur not in seen:
+            seen.add(cur)
+            path.append(cur)
+            cur = by_id[cur].parent_span_id
+        d = depth.get(cur, -1)
+        for p in reversed(path):
+            d += 1
+            depth[p] = d
+    return depth
+
+
+def _llm_calls(views: dict[str, SpanView], facts: LogFacts,
+               by_id: dict[str, CanonicalSpan]) -> list[LlmCall]:
+    """LLM spans merged with the log facts of their span id (span attributes win), then log-only calls."""
+    drafts: list[dict[str, Any]] = []
+    for sid, view in views.items():
+        if view.kind != "llm":
+            continue
+        d = dict(view.llm)
+        for key, value in facts.llm.get(sid, {}).items():
+            put(d, key, value)
+        d.update(span_id=sid, start_time_unix_nano=view.span.start_time_unix_nano,
+                 end_time_unix_nano=view.span.end_time_unix_nano)
+        drafts.append(d)
+    for key, d in facts.llm.items():
+        sid = d.get("span_id", "")
+        if key == sid and sid in views and views[sid].kind == "llm":
+            continue  # merged above
+        span = by_id.get(sid)
+        if span is not None:  # a span no reader classified as an LLM call, but its logs say it was one
+            d = {**d, "start_time_unix_nano": span.start_time_unix_nano,
+                 "end_time_unix_nano": span.end_time_unix_nano}
+        drafts.append(d)
+    calls = []
+    for d in drafts:
+        if not d.get("finish_reasons"):
+            d["finish_reasons"] = [m["finish_reason"] for m in d.get("output_messages", ())
+                                   if m.get("finish_reason")]
+        if not d.get("system_instructions"):
+            # Dialects that keep the system prompt inside the messages (OI, OLL, Vercel, legacy events).
+            texts = [t for m in d.get("input_messages", ()) if m.get("role") in ("system", "developer")
+                     and (t := message_text(m))]
+            d["system_instructions"] = "\n".join(texts) or None
+        d["content_captured"] = bool(d.get("input_messages") or d.get("output_messages")
+                                     or d.get("system_instructions"))
+        calls.append(LlmCall.model_validate(d))
+    calls.sort(key=lambda c: c.start_time_unix_nano)
+    return calls
+
+
+def _span_errors(view: SpanView) -> list[dict[str, Any]]:
+    """Status ERROR / ``exception`` events of one span (semconv §4 "Everywhere") merged with the dialect's error
+    attributes: those fill the blanks of the first span error instead of repeating the same failure."""
+    span = view.span
+    out = [{"span_id": span.span_id, "source": "exception-event",
+            "type": to_str(ev.attributes.get("exception.type")),
+            "message": to_str(ev.attributes.get("exception.message"))}
+           for ev in span.events if ev.name == "exception"]
+    if not out and span.status_code == "ERROR":
+        out.append({"span_id": span.span_id, "source": "span-status",
+                    "type": to_str(span.attributes.get("error.type")), "message": span.status_message or None})
+    if not out:
+        return list(view.errors)
+    for attr_err in view.errors:
+        for key in ("type", "message"):
+            if not out[0][key]:
+                out[0][key] = attr_err[key]
+    return out
+
+
+def _errors(views: dict[str, SpanView], facts: LogFacts, run_view: SpanView | None,
+            depth: dict[str, int]) -> tuple[list[RunError], dict[str, str]]:
+    """All errors, plus span id -> a one-line error for LlmCall.error / ToolCall.error. The run's root (the
+    shallowest run span, else any recognized trace root) makes its errors fatal (semconv §4)."""
+    errors: list[RunError] = []
+    by_span: dict[str, str] = {}
+    for sid, view in views.items():
+        errs = _span_errors(view)
+        if not errs:
+            continue
+        is_root = view is run_view if run_view is not None else depth[sid] == 0
+        for e in errs:
+            errors.append(RunError(**e, fatal=view.fatal or is_root))
+        first = errs[0]
+        by_span[sid] = first["message"] or first["type"] or "error"
+    errors.extend(RunError.model_validate(e) for e in facts.errors)
+    return errors, by_span
+
+
+def _tool_calls(views: dict[str, SpanView], facts: LogFacts, llm_calls: list[LlmCall],
+                span_error: dict[str, str]) -> list[ToolCall]:
+    drafts: list[dict[str, Any]] = []
+    for sid, view in views.items():
+        if view.kind != "tool":
+            continue
+        d = dict(view.tool)
+        # Langfuse and OpenInference tools are named by their span (GenAI: "execute_tool {name}").
+        put(d, "name", view.span.name.removeprefix("execute_tool "))
+        d.update(span_id=sid, source="span", start_time_unix_nano=view.span.start_time_unix_nano,
+                 end_time_unix_nano=view.span.end_time_unix_nano, error=span_error.get(sid))
+        drafts.append(d)
+    _join_message_tools(drafts, llm_calls)
+    by_call_id = {d["call_id"]: d for d in drafts if d.get("call_id")}
+    for t in facts.tools:
+        target = by_call_id.get(t.get("call_id")) or next(
+            (d for d in drafts if t["span_id"] and d["span_id"] == t["span_id"] and d["source"] == "span"), None)
+        if target is None:
+            drafts.append(dict(t))
+            continue
+        for key in ("name", "call_id", "arguments", "error"):
+            put(target, key, t.get(key))
+    drafts.sort(key=lambda d: d["start_time_unix_nano"])
+    return [ToolCall.model_validate(d) for d in drafts]
+
+
+def _join_message_tools(drafts: list[dict[str, Any]], llm_calls: list[LlmCall]) -> None:
+    """Fill/extend tool-call drafts from the ``tool_call`` parts of LLM messages and the ``tool_call_response``
+    parts answering them (semconv §1 "tool call id": ``parts[].id``). A requested call joins the tool span with
+    the same call id, else the first unjoined span without a call id of the same name that started after the
+    request; otherwise it is a ``source="messages"`` call on the requesting LLM span. Calls without an id are only
+    taken from output messages, since a history replay cannot be told apart from a new request."""
+    requested: dict[str | None, tuple[MessagePart, LlmCall]] = {}
+    anonymous: list[tuple[MessagePart, LlmCall]] = []
+    responses: dict[str, MessagePart] = {}
+    for call in llm_calls:
+        for out, messages in ((False, call.input_messages), (True, call.output_messages)):
+            for m in messages:
+                for p in m.parts:
+                    if p.type == "tool_call":
+                        if p.id:
+                            requested.setdefault(p.id, (p, call))
+                        elif out:
+                            anonymous.append((p, call))
+                    elif p.type == "tool_call_response" and p.id:
+                        responses.setdefault(p.id, p)
+    if not requested and not anonymous:
+        return
+    by_call_id = {d["call_id"]: d for d in drafts if d.get("call_id")}
+    unjoined = [d for d in drafts if not d.get("call_id")]
+    for part, call in (*requested.values(), *anonymous):
+        target = by_call_id.get(part.id) if part.id else None
+        if target is None:
+            target = next((d for d in unjoined if d.get("name") == part.name
+                           and d["start_time_unix_nano"] >= call.start_time_unix_nano), None)
+            if target is not None:
+                unjoined.remove(target)
+                put(target, "call_id", part.id)
+        if target is None:
+            target = {"span_id": call.span_id, "name": part.name, "call_id": part.id, "source": "messages",
+                      "start_time_unix_nano": call.end_time_unix_nano, "end_time_unix_nano": call.end_time_unix_nano}
+            drafts.append(target)
+        put(target, "arguments", part.arguments)
+        resp = responses.get(part.id) if part.id else None
+        if resp is not None:
+            put(target, "result", resp.response)
+            if getattr(resp, "is_error", False):
+                put(target, "error", to_str(resp.response) or "error")
+
+
+def _last_answer(llm_calls: list[LlmCall]) -> str | None:
+    """Last assistant text of the latest-ending LLM call whose finish reasons are terminal or unknown."""
+    for call in sorted(llm_calls, key=lambda c: c.end_time_unix_nano, reverse=True):
+        reasons = {r.lower() for r in call.finish_reasons}
+        if reasons and not reasons & _TERMINAL:
+            continue
+        if text := last_text(_dump(call.output_messages), "assistant"):
+            return text
+    return None
+
+
+def _usage(llm_calls: list[LlmCall], tool_calls: list[ToolCall], shallow: list[SpanView],
+           by_id: dict[str, CanonicalSpan]) -> Usage:
+    """Sum per-call tokens without double counting wrappers (see :class:`Usage`)."""
+    call_ids = {c.span_id for c in llm_calls if c.span_id in by_id}
+    wrappers: set[str] = set()  # LLM calls with an LLM-call descendant
+    covered: set[str] = set()  # LLM calls with a token-reporting LLM-call descendant
+    for c in llm_calls:
+        reports = any(getattr(c, f) is not None for f in _USAGE_FIELDS)
+        seen = {c.span_id}
+        cur = by_id[c.span_id].parent_span_id if c.span_id in by_id else ""
+        while cur in by_id and cur not in seen:
+            seen.add(cur)
+            if cur in call_ids:
+                wrappers.add(cur)
+                if reports:
+                    covered.add(cur)
+            cur = by_id[cur].parent_span_id
+    usage = Usage(llm_call_count=sum(1 for c in llm_calls if c.span_id not in wrappers),
+                  tool_call_count=len(tool_calls))
+    counted = [c for c in llm_calls if c.span_id not in covered
+               and any(getattr(c, f) is not None for f in _USAGE_FIELDS)]
+    if counted:
+        for c in counted:
+            for f in _USAGE_FIELDS:
+                setattr(usage, f, getattr(usage, f) + (getattr(c, f) or 0))
+            usage.total_tokens += (c.total_tokens if c.total_tokens is not None
+                                   else (c.input_tokens or 0) + (c.output_tokens or 0))
+        return usage
+    aggregate = _first(v.aggregate_usage for v in shallow)
+    if aggregate:
+        for f in _USAGE_FIELDS:
+            setattr(usage, f, aggregate.get(f) or 0)
+        usage.total_tokens = aggregate.get("total_tokens") or usage.input_tokens + usage.output_tokens
+    return usage

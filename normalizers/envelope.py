@@ -68,8 +68,9 @@ def envelope_idempotency_key(trace_id: str, spans: Iterable[CanonicalSpan]) -> s
       appear once. A trace without spans hashes just its first line.
 
     Example: trace ``4bf92f3577b34da6a3ce929d0e0e4736`` with one span ``00f067aa0ba902b7`` ending at
-    ``1700000000000000000`` with status ``OK`` hashes the 68 bytes
-    ``b"4bf92f3577b34da6a3ce929d0e0e4736\\n00f067aa0ba902b7 1700000000000000000 OK\\n"``.
+    ``1700000000000000000`` with status ``OK`` hashes the 73 bytes
+    ``b"4bf92f3577b34da6a3ce929d0e0e4736\\n00f067aa0ba902b7 1700000000000000000 OK\\n"``, giving
+    ``bcd67bbeb144d6a6782dbfad369bd7708243b5a20e9d868074e4e100ca99bacc``.
 
     Raises ``ValueError`` when ``trace_id`` is not 32 lowercase hex characters (an uppercase id would silently
     produce a second key for the same trace).
@@ -154,16 +155,6 @@ class RedactionReport(BaseModel):
         "Attributes removed because their key matched no entry of the configured allow list."))
     dropped_by_deny_list: int = Field(0, ge=0, description=(
         "Attributes removed because their key matched an entry of the configured deny list."))
-
-    def merged(self, other: RedactionReport) -> RedactionReport:
-        """Sum of two reports (``masking_applied`` only if both applied masking)."""
-        masked = dict(self.masked)
-        for rule, n in other.masked.items():
-            masked[rule] = masked.get(rule, 0) + n
-        return RedactionReport(
-            masking_applied=self.masking_applied and other.masking_applied, masked=dict(sorted(masked.items())),
-            dropped_by_allow_list=self.dropped_by_allow_list + other.dropped_by_allow_list,
-            dropped_by_deny_list=self.dropped_by_deny_list + other.dropped_by_deny_list)
 
 
 class Envelope(BaseModel):

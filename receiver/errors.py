@@ -100,5 +100,13 @@ class PayloadTooLarge(ReceiverError):
         self.limit = limit
 
 
+class RecordRefused(ReceiverError):
+    """The sink refused a per-trace record permanently (e.g. larger than the topic's ``max.message.bytes``):
+    HTTP 413 / RESOURCE_EXHAUSTED without RetryInfo, so the exporter does not retry the same bytes."""
+
+    http_status: ClassVar[int] = 413
+    grpc_code: ClassVar[int] = 8  # RESOURCE_EXHAUSTED
+
+
 class InvalidCompressedData(BadRequest):
     """Corrupt, truncated or trailing-garbage compressed body: HTTP 400 / INVALID_ARGUMENT."""

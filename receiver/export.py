@@ -15,10 +15,10 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from receiver.backpressure import InflightBudget
-from receiver.errors import BadRequest
+from receiver.errors import BadRequest, RecordRefused
 from receiver.metrics import ReceiverMetrics
 from receiver.split import SplitResult, split_logs, split_traces
-from sinks.base import SIGNAL_LOGS, SIGNAL_TRACES, Batch, Sink, SinkUnavailable
+from sinks.base import SIGNAL_LOGS, SIGNAL_TRACES, Batch, RecordTooLarge, Sink, SinkUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +96,10 @@ class ExportService:
             except SinkUnavailable:
                 self.metrics.sink_errors.labels(sink_name).inc()
                 raise
+            except RecordTooLarge as exc:
+                self.metrics.sink_errors.labels(sink_name).inc()
+                raise RecordRefused(f"{exc} (raise the topic's max.message.bytes or lower --max-record-bytes)") \
+                    from None
             self.metrics.sink_latency.labels(sink_name).observe(time.perf_counter() - t0)
             self.metrics.records_written.labels(sink_name, signal).inc(len(split.records))
             self.metrics.items_accepted.labels(signal).inc(split.accepted)

@@ -35,6 +35,7 @@ _SERVICES = {
     "opentelemetry.proto.collector.logs.v1.LogsService": SIGNAL_LOGS,
 }
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _MAX_MESSAGE_CHARS = 8192
 
 
@@ -103,9 +104,12 @@ class GrpcReceiver:
             await self._abort(context, signal, grpc.StatusCode.UNAVAILABLE, str(exc), detail)
         except ReceiverError as exc:
             log.info("export rejected", request_id=request_id, reason=exc.message)
+            code = _GRPC_CODES.get(exc.grpc_code, grpc.StatusCode.INVALID_ARGUMENT)
             detail = error_details_pb2.BadRequest(field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field="request", description=exc.message[:1024])])
-            await self._abort(context, signal, grpc.StatusCode.INVALID_ARGUMENT, exc.message, detail)
+                error_details_pb2.BadRequest.FieldViolation(field=getattr(exc, "field", None) or "request",
+                                                            description=exc.message[:1024])]) \
+                if code is grpc.StatusCode.INVALID_ARGUMENT else None
+            await self._abort(context, signal, code, exc.message, detail)
         except Exception:  # a bug, never bad input
             log.exception("internal error while exporting", request_id=request_id)
             await self._abort(context, signal, grpc.StatusCode.INTERNAL, "internal error")

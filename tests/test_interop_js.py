@@ -44,12 +44,14 @@ def node() -> str:
     return found
 
 
-def run_js(serve: ServeProcess, *, compression: str, processor: str) -> dict:
+def run_js(serve: ServeProcess, *, compression: str, processor: str, token: str | None = None,
+           expect_exit: int = 0) -> dict:
     proc = subprocess.run(
         [node(), str(SCRIPT), "--url", f"{serve.http_url}/v1/traces", "--traces", str(N_TRACES),
-         "--spans-per-trace", str(SPANS_PER_TRACE), "--compression", compression, "--processor", processor],
+         "--spans-per-trace", str(SPANS_PER_TRACE), "--compression", compression, "--processor", processor,
+         *(["--token", token] if token else [])],
         cwd=JS_DIR, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, (
+    assert proc.returncode == expect_exit, (
         f"send_spans.mjs exited {proc.returncode}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}\n"
         f"serve log:\n{serve.log_tail()}")
     return json.loads(proc.stdout)
@@ -61,6 +63,7 @@ def check_js_run(out: dict, serve: ServeProcess, compression: str) -> dict[str, 
     spans = out["spans"]
     assert len(spans) == N_TRACES * SPANS_PER_TRACE
     assert out["exports"] and all(e["code"] == 0 for e in out["exports"]), out["exports"]
+    assert out["flushError"] is None
     assert sum(e["spans"] for e in out["exports"]) == len(spans)
     assert out["requests"], "no HTTP request observed"
     for req in out["requests"]:
@@ -131,3 +134,21 @@ async def test_js_sdk_json_spans_land_exactly_once_on_kafka(tmp_path: Path, kafk
     assert {r.signal for r in records} == {"traces"}
     assert {r.key for r in records} == {s["traceId"] for s in out["spans"]}
     check_spans(records, out)
+
+
+def test_js_sdk_bearer_token(tmp_path: Path):
+    """The exporter's ``headers`` option carries the bearer token: the right one lands under its source id, a wrong
+    one is answered 401, which the JS exporter does not retry, and nothing of it lands."""
+    with ServeProcess(tmp_path / "state", "--auth-tokens", "tok-js=agent-js") as serve:
+        good = run_js(serve, compression="none", processor="batch", token="tok-js")
+        check_js_run(good, serve, "none")
+        bad = run_js(serve, compression="none", processor="simple", token="tok-other", expect_exit=1)
+        assert bad["exports"] and all(e["code"] != 0 for e in bad["exports"]), bad["exports"]
+        assert "Unauthorized" in bad["flushError"]
+        assert bad["requests"] and all(r["status"] == 401 for r in bad["requests"]), bad["requests"]
+        assert len(bad["requests"]) == len(bad["exports"])  # one request per export: 401 is not retried
+        records = landed_local(serve.state_dir)
+        assert metric(serve.http_url, "trace_source_requests_total", protocol="http", status="401") == len(
+            bad["requests"])
+    check_record_contract(records, source_id="agent-js")
+    check_spans(records, good)  # exactly the good run's spans, none of the refused run's

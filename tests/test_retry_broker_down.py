@@ -9,8 +9,11 @@ spans are not.
 How the installed exporters (1.45) retry: OTLP/HTTP retries 429/502/503/504 and connection errors, at most 6
 attempts within its ``timeout``, waiting ``Retry-After`` when given (else 1, 2, 4, 8, 16 s with jitter). OTLP/gRPC
 retries UNAVAILABLE (and other transient codes), at most 6 attempts within ``timeout``, with 1, 2, 4, 8, 16 s backoff
-unless a ``google.rpc.retryinfo-bin`` trailer gives the delay. ``--sink-timeout-s 2`` makes each refused attempt
-take about 2 s, so the six attempts span well over the time the broker needs to come back.
+(+-20 %) unless a separate ``google.rpc.retryinfo-bin`` trailer gives the delay — it does not read the ``RetryInfo``
+that trace-source puts in the standard ``grpc-status-details-bin`` status details, so over gRPC the server's hint is
+ignored and the exporter's own backoff applies. Because both give up after 6 attempts, the outage must end within
+them: ``--sink-timeout-s 3`` (each refused attempt takes about 3 s) and ``--retry-after-s 2`` spread the HTTP
+exporter's six attempts over about 28 s, several times what the broker needs to come back.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ async def test_sdk_retry_delivers_every_span_after_broker_outage(tmp_path: Path,
     topic = f"retry-{uuid.uuid4().hex[:10]}"
     await create_topic(bootstrap, topic, partitions=3)
 
-    serve = ServeProcess(tmp_path / "state", "--kafka-topic", topic, "--sink-timeout-s", "2", "--retry-after-s", "1",
+    serve = ServeProcess(tmp_path / "state", "--kafka-topic", topic, "--sink-timeout-s", "3", "--retry-after-s", "2",
                          kafka_bootstrap=bootstrap)
     with serve:
         url = serve.http_url

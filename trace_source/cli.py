@@ -88,11 +88,15 @@ def serve(config: Path | None, **flags) -> None:
     from trace_source.logging import configure
     from trace_source.serve import run
 
+    from aiokafka.errors import KafkaError
+
+    from sinks.base import SinkUnavailable
+
     configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
-    except OSError as exc:
-        raise click.ClickException(str(exc)) from None
+    except (OSError, SinkUnavailable, KafkaError) as exc:  # start-up failures: port taken, broker unreachable
+        raise click.ClickException(f"cannot start: {exc}") from None
 
 
 @main.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import structlog
 
@@ -34,8 +35,35 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         foreign_pre_chain=shared,
     ))
+    handler.addFilter(_RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)
     # aiohttp's access log is one line per request: too costly on the hot path, and our handlers log failures.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class _RepeatFilter(logging.Filter):
+    """Lets the same stdlib message (logger, template) through at most once per ``interval_s`` seconds.
+
+    aiokafka logs ~30 identical connection errors per second while a broker is down; one line every few seconds
+    says the same thing. The sinks log their own state changes through structlog and are not affected (their
+    messages carry different event fields and are rare).
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("aiokafka", "kafka")):
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval_s) < self.interval_s:
+            return False
+        if len(self._last) > 1000:  # bounded: message templates are few, but never grow without limit
+            self._last.clear()
+        self._last[key] = now
+        return True

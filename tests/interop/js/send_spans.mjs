@@ -10,8 +10,9 @@
 // stdout: one JSON object
 //   {"spans": [{"traceId", "spanId", "parentSpanId", "name"}...],   every span created, ids as lowercase hex
 //    "exports": [{"code": 0|1, "error": str|null, "spans": n}...],  every ExportResult the exporter returned
-//    "requests": [{"method", "path", "contentType", "contentEncoding", "status"}...]}   every HTTP request the
+//    "requests": [{"method", "path", "contentType", "contentEncoding", "status"}...],   every HTTP request the
 //                                                                   process made, seen via node:diagnostics_channel
+//    "flushError": str|null}                                        why forceFlush/shutdown rejected, if they did
 // Exit code 0 when every export succeeded, 1 otherwise, 2 on bad arguments.
 
 import diagnostics_channel from 'node:diagnostics_channel';
@@ -146,8 +147,18 @@ for (let t = 0; t < nTraces; t++) {
   root.end();
 }
 
-await provider.forceFlush();
-await provider.shutdown();
+// SimpleSpanProcessor's forceFlush rejects when an export failed; report it instead of crashing, the caller decides.
+let flushError = null;
+try {
+  await provider.forceFlush();
+} catch (err) {
+  flushError = String(err);
+}
+try {
+  await provider.shutdown();
+} catch (err) {
+  flushError = flushError ?? String(err);
+}
 
-process.stdout.write(JSON.stringify({ spans: created, exports, requests }) + '\n');
-process.exit(exports.length > 0 && exports.every((e) => e.code === 0) ? 0 : 1);
+process.stdout.write(JSON.stringify({ spans: created, exports, requests, flushError }) + '\n');
+process.exit(exports.length > 0 && exports.every((e) => e.code === 0) && flushError === null ? 0 : 1);

@@ -1,0 +1,258 @@
+"""The upload envelope model: JSON round trip, the committed JSON Schema, the idempotency key, validation errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from normalizers.agent_run import AgentRun, LlmCall, Usage
+from normalizers.canonical import CanonicalLogEvent, CanonicalSpan, Scope, SpanEvent
+from normalizers.envelope import (
+    SCHEMA_PATH, SCHEMA_VERSION, Completeness, Envelope, RedactionReport, Source, envelope_idempotency_key,
+    envelope_json_schema, main, repository_from, schema_file_text)
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+T0 = 1_700_000_000_000_000_000  # unix ns, above 2**53 on purpose
+
+
+def span(span_id: str, end: int = T0 + 5, status: str = "UNSET", parent: str = "", trace_id: str = TRACE,
+         **kw) -> CanonicalSpan:
+    return CanonicalSpan(trace_id=trace_id, span_id=span_id, parent_span_id=parent, name=f"op {span_id}",
+                         start_time_unix_nano=T0, end_time_unix_nano=end, status_code=status, **kw)
+
+
+def envelope(spans: list[CanonicalSpan], **kw) -> Envelope:
+    fields = dict(
+        idempotency_key=envelope_idempotency_key(TRACE, spans), trace_id=TRACE,
+        source=Source(id="default", kind="otlp-http"), received_at_unix_nano=T0, assembled_at_unix_nano=T0 + 10,
+        completeness=Completeness(root_seen=True, closed_reason="root-ended-and-quiet"), spans=spans)
+    fields.update(kw)
+    return Envelope(**fields)
+
+
+def full_envelope() -> Envelope:
+    root = span("00f067aa0ba902b7", status="OK", attributes={
+        "gen_ai.input.messages": '[{"role":"user","parts":[{"type":"text","content":"hi"}]}]',
+        "gen_ai.usage.input_tokens": 12, "ratio": 0.5, "flags": [True, False], "nested": {"a": [1, {"b": None}]}},
+        events=[SpanEvent(name="exception", time_unix_nano=T0 + 3, attributes={"exception.type": "ValueError"})],
+        resource={"service.name": "agent"}, scope=Scope(name="openai", version="1.2"))
+    child = span("b7ad6b7169203331", parent="00f067aa0ba902b7", status="ERROR", status_message="boom")
+    log = CanonicalLogEvent(trace_id=TRACE, span_id="b7ad6b7169203331", time_unix_nano=T0 + 4,
+                            event_name="gen_ai.choice", body={"message": {"content": "hello"}})
+    return envelope(
+        [root, child], envelope_version=2, repository="acme/support-agent", resource={"service.name": "agent"},
+        log_events=[log], agent_run=AgentRun(dialects=["genai"], agent_name="support", task_input="hi",
+                                             llm_calls=[LlmCall(span_id="b7ad6b7169203331", model="gpt-4o",
+                                                                input_tokens=12)],
+                                             usage=Usage(input_tokens=12, llm_call_count=1)),
+        redaction=RedactionReport(masking_applied=True, masked={"openai-api-key": 2}, dropped_by_deny_list=1))
+
+
+# -- JSON round trip and the committed schema --------------------------------------------------------------------------
+
+def test_json_round_trip_keeps_every_field():
+    env = full_envelope()
+    data = env.to_json_bytes()
+    assert isinstance(data, bytes)
+    back = Envelope.from_json_bytes(data)
+    assert back == env
+    assert back.spans[0].end_time_unix_nano == T0 + 5  # no float rounding of large ns values
+    raw = json.loads(data)
+    assert raw["schema_version"] == SCHEMA_VERSION == "trace-source.envelope/v1"
+    assert raw["spans"][0]["attributes"]["nested"] == {"a": [1, {"b": None}]}
+
+
+def test_defaults_of_a_minimal_envelope():
+    env = envelope([span("00f067aa0ba902b7")])
+    assert env.envelope_version == 1
+    assert env.repository is None
+    assert env.agent_run == AgentRun()
+    assert env.redaction == RedactionReport(masking_applied=False, masked={}, dropped_by_allow_list=0,
+                                            dropped_by_deny_list=0)
+    assert Envelope.from_json_bytes(env.to_json_bytes().decode()) == env  # str input accepted too
+
+
+def test_committed_schema_file_is_up_to_date():
+    assert SCHEMA_PATH.read_text(encoding="utf-8") == schema_file_text(), (
+        "normalizers/schema/envelope.v1.schema.json is stale: run `python -m normalizers.envelope --write-schema`"
+        " (and check docs/envelope.md 'Versioning' for whether the change needs a new schema version)")
+
+
+def test_schema_describes_the_model():
+    schema = envelope_json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["additionalProperties"] is False
+    props = schema["properties"]
+    assert props["schema_version"]["const"] == SCHEMA_VERSION
+    assert props["trace_id"]["pattern"] == "^[0-9a-f]{32}$"
+    assert set(schema["required"]) == {"idempotency_key", "trace_id", "source", "received_at_unix_nano",
+                                       "assembled_at_unix_nano", "completeness"}
+    reasons = schema["$defs"]["Completeness"]["properties"]["closed_reason"]["enum"]
+    assert reasons == ["root-ended-and-quiet", "max-wait", "evicted"]
+    # every top-level field is documented in the schema and in docs/envelope.md
+    doc = (SCHEMA_PATH.parents[2] / "docs" / "envelope.md").read_text(encoding="utf-8")
+    for name, prop in props.items():
+        assert "description" in prop or "$ref" in prop, name
+        assert f"`{name}`" in doc, f"docs/envelope.md does not document {name}"
+
+
+def test_envelope_json_validates_against_the_published_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    validator.validate(json.loads(full_envelope().to_json_bytes()))
+    bad = json.loads(full_envelope().to_json_bytes())
+    bad["completeness"]["closed_reason"] = "shutdown"
+    assert not validator.is_valid(bad)
+
+
+def test_write_schema_command(tmp_path, capsys):
+    target = tmp_path / "out" / "schema.json"
+    assert main(["--write-schema", str(target)]) == 0
+    assert target.read_text(encoding="utf-8") == schema_file_text()
+    assert main(["--bogus"]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+# -- idempotency key ---------------------------------------------------------------------------------------------------
+
+def test_key_matches_the_documented_byte_layout():
+    spans = [span("b7ad6b7169203331", end=T0 + 20, status="ERROR"), span("00f067aa0ba902b7", end=T0, status="OK")]
+    layout = (f"{TRACE}\n00f067aa0ba902b7 {T0} OK\nb7ad6b7169203331 {T0 + 20} ERROR\n").encode()
+    assert envelope_idempotency_key(TRACE, spans) == hashlib.sha256(layout).hexdigest()
+
+
+def test_key_test_vector_from_the_docs():
+    spans = [span("00f067aa0ba902b7", end=1700000000000000000, status="OK")]
+    assert envelope_idempotency_key("4bf92f3577b34da6a3ce929d0e0e4736", spans) == (
+        "bcd67bbeb144d6a6782dbfad369bd7708243b5a20e9d868074e4e100ca99bacc")
+    assert envelope_idempotency_key(TRACE, []) == hashlib.sha256(f"{TRACE}\n".encode()).hexdigest()
+
+
+def test_key_ignores_span_order_duplicates_and_redactable_content():
+    a, b, c = span("00f067aa0ba902b7"), span("b7ad6b7169203331"), span("0000000000000001")
+    key = envelope_idempotency_key(TRACE, [a, b, c])
+    assert envelope_idempotency_key(TRACE, [c, a, b]) == key
+    assert envelope_idempotency_key(TRACE, [a, b, b, c, a]) == key
+    changed = a.model_copy(update={"name": "renamed", "attributes": {"k": "[REDACTED:password]"},
+                                   "status_message": "masked"})
+    assert envelope_idempotency_key(TRACE, [changed, b, c]) == key
+
+
+@pytest.mark.parametrize("change", [
+    {"end_time_unix_nano": T0 + 6},
+    {"status_code": "ERROR"},
+    {"span_id": "00f067aa0ba902b8"},
+])
+def test_key_changes_with_end_time_status_or_span_id(change):
+    a, b = span("00f067aa0ba902b7"), span("b7ad6b7169203331")
+    key = envelope_idempotency_key(TRACE, [a, b])
+    assert envelope_idempotency_key(TRACE, [a.model_copy(update=change), b]) != key
+
+
+def test_key_changes_with_an_added_span_and_with_the_trace_id():
+    a = span("00f067aa0ba902b7")
+    assert envelope_idempotency_key(TRACE, [a]) != envelope_idempotency_key(TRACE, [a, span("b7ad6b7169203331")])
+    assert envelope_idempotency_key(TRACE, [a]) != envelope_idempotency_key("0" * 32, [a])
+
+
+def test_end_times_sort_numerically_not_as_text():
+    # "9..." > "10..." as text; the documented layout sorts numbers numerically.
+    spans = [span("00f067aa0ba902b7", end=10), span("00f067aa0ba902b7", end=9)]
+    layout = f"{TRACE}\n00f067aa0ba902b7 9 UNSET\n00f067aa0ba902b7 10 UNSET\n".encode()
+    assert envelope_idempotency_key(TRACE, spans) == hashlib.sha256(layout).hexdigest()
+
+
+@pytest.mark.parametrize("trace_id", [TRACE.upper(), TRACE[:-1], "", "x" * 32])
+def test_key_rejects_a_non_canonical_trace_id(trace_id):
+    with pytest.raises(ValueError, match="32 lowercase hex"):
+        envelope_idempotency_key(trace_id, [])
+
+
+# -- validation errors -------------------------------------------------------------------------------------------------
+
+def _bad(**change) -> str:
+    raw = json.loads(full_envelope().to_json_bytes())
+    for path, value in change.items():
+        node = raw
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        node[leaf] = value
+    with pytest.raises(ValidationError) as exc:
+        Envelope.from_json_bytes(json.dumps(raw).encode())
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"schema_version": "trace-source.envelope/v2"}, "schema_version"),
+    ({"trace_id": TRACE.upper()}, "trace_id"),
+    ({"idempotency_key": "abc"}, "idempotency_key"),
+    ({"envelope_version": 0}, "envelope_version"),
+    ({"received_at_unix_nano": -1}, "received_at_unix_nano"),
+    ({"source__kind": "OTLP HTTP"}, "kind"),
+    ({"source__id": ""}, "id"),
+    ({"repository": "https://github.com/acme/agent"}, "repository"),
+    ({"completeness__closed_reason": "shutdown"}, "closed_reason"),
+    ({"unexpected": 1}, "unexpected"),
+    ({"completeness__extra": True}, "extra"),
+    ({"redaction__dropped_by_allow_list": -2}, "dropped_by_allow_list"),
+])
+def test_invalid_fields_are_rejected_by_name(change, fragment):
+    assert fragment in _bad(**change)
+
+
+def test_a_key_that_does_not_match_the_spans_is_rejected():
+    message = _bad(idempotency_key="0" * 64)
+    assert "does not match" in message and envelope_idempotency_key(TRACE, full_envelope().spans) in message
+    # a span whose end time changed after the key was computed is caught the same way
+    assert "does not match" in _bad(spans__1__end_time_unix_nano=T0 + 99)
+
+
+def test_spans_of_another_trace_and_duplicate_span_ids_are_rejected():
+    other = span("00f067aa0ba902b7", trace_id="0" * 32)
+    with pytest.raises(ValidationError, match="belongs to trace"):
+        envelope([other], idempotency_key=envelope_idempotency_key(TRACE, [other]))
+    dup = [span("00f067aa0ba902b7"), span("00f067aa0ba902b7", end=T0 + 9)]
+    with pytest.raises(ValidationError, match="duplicate span id"):
+        envelope(dup)
+
+
+def test_log_events_must_share_the_trace_id_or_have_none():
+    spans = [span("00f067aa0ba902b7")]
+    ok = envelope(spans, log_events=[CanonicalLogEvent(event_name="claude_code.api_request"),
+                                     CanonicalLogEvent(trace_id=TRACE)])
+    assert len(ok.log_events) == 2
+    with pytest.raises(ValidationError, match="log event belongs to trace"):
+        envelope(spans, log_events=[CanonicalLogEvent(trace_id="0" * 32)])
+
+
+def test_malformed_json_is_a_validation_error():
+    with pytest.raises(ValidationError):
+        Envelope.from_json_bytes(b"{not json")
+
+
+# -- repository --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("configured, resource, expected", [
+    ("acme/configured", {"vcs.repository.url.full": "https://github.com/acme/agent"}, "acme/configured"),
+    (None, {"vcs.repository.url.full": "https://github.com/acme/agent"}, "acme/agent"),
+    (None, {"vcs.repository.url.full": "https://github.com/acme/agent.git/"}, "acme/agent"),
+    (None, {"vcs.repository.url.full": "git@github.com:acme/agent.git"}, "acme/agent"),
+    (None, {"vcs.repository.url.full": "ssh://git@gitlab.example.com/group/sub/agent.git"}, "group/sub/agent"),
+    (None, {"vcs.owner.name": "acme", "vcs.repository.name": "agent"}, "acme/agent"),
+    (None, {"vcs.repository.url.full": "https://github.com/"}, None),
+    (None, {"vcs.repository.url.full": 42}, None),
+    (None, {"vcs.repository.name": "agent"}, None),
+    (None, {}, None),
+])
+def test_repository_from_configuration_or_resource(configured, resource, expected):
+    assert repository_from(configured, resource) == expected
+
+
+def test_resolved_repositories_validate():
+    repo = repository_from(None, {"vcs.repository.url.full": "git@github.com:acme/agent.git"})
+    assert envelope([span("00f067aa0ba902b7")], repository=repo).repository == "acme/agent"
