@@ -1,22 +1,25 @@
 """Split one OTLP export request into per-trace OTLP batches, keeping resource and scope.
 
-Input: a decoded ``ExportTraceServiceRequest`` / ``ExportLogsServiceRequest`` (upb protobuf message).
+Input: the decoded ``ExportTraceServiceRequest`` / ``ExportLogsServiceRequest`` (upb message, already validated by
+parsing) and, when the request arrived as protobuf, its decompressed body bytes.
 Output: :class:`SplitResult` with one :class:`sinks.base.Record` per trace id whose value is the serialized
 ``TracesData`` / ``LogsData`` holding only that trace's spans (log records), each under a copy of its original
 ``Resource`` and ``InstrumentationScope`` (and their ``schema_url``).
 
-Why wire-level assembly: the receiver's hot path must stay a few microseconds per span. Building Python dicts per
-attribute costs ten times that, and even ``CopyFrom`` into fresh messages costs more than re-using serialized bytes.
-``TracesData``/``ResourceSpans``/``ScopeSpans`` and ``LogsData``/``ResourceLogs``/``ScopeLogs`` share field numbers
-(1 = resource/scope, 2 = repeated children, 3 = schema_url), so one encoder writes both signals by concatenating
-length-delimited fields. The common cases are cheaper still: a whole ``ScopeSpans`` (or ``ResourceSpans``, or the
-whole request) that belongs to one trace is serialized once, or passed through unchanged, since an
-``ExportTraceServiceRequest`` body is byte-for-byte a valid ``TracesData``.
+Why slices of the wire bytes: the receiver's hot path must stay around a microsecond per span. Re-serializing each
+span costs more than that on its own, and building Python dicts per attribute ten times more. ``TracesData``,
+``ResourceSpans`` and ``ScopeSpans`` (and their logs twins, which share the field numbers: 1 = resource/scope,
+2 = repeated children, 3 = schema_url) are plain length-delimited fields, and an ``ExportTraceServiceRequest`` body
+is byte-for-byte a valid ``TracesData``. So the splitter walks the three outer levels of the body once, remembers
+where each span's field (tag, length and bytes) sits, and writes each trace's batch by joining those slices under
+re-used resource/scope field bytes and new length prefixes. Runs of consecutive spans of one trace become a single
+slice, a request that is one trace is passed through unchanged, and span contents are never re-encoded.
 
-Validation follows the OTLP spec (``opentelemetry-proto`` ``trace.proto`` / ``logs.proto``): a span's trace id must be
-16 bytes and its span id 8 bytes, neither all zeros; a non-empty parent span id must be 8 bytes. A log record's
-trace id is optional (empty or all zeros = no trace); if present it must be 16 bytes, and a present span id 8 bytes.
-Invalid items are rejected and counted (reported to the client as ``partial_success``); the rest are kept.
+Ids are read from the parsed message (one C-level pass per id column) and validated per the OTLP spec
+(``opentelemetry-proto`` ``trace.proto`` / ``logs.proto``): a span's trace id must be 16 bytes and its span id 8
+bytes, neither all zeros; a non-empty parent span id must be 8 bytes. A log record's trace id is optional (empty or
+all zeros = no trace); if present it must be 16 bytes, and a present span id 8 bytes. Invalid items are rejected and
+counted (reported to the client as ``partial_success``); the rest are kept.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ _ONLY_8 = {8}
 _EMPTY_OR_8 = {0, 8}
 
 # Tags of the length-delimited fields shared by both signals (field_number << 3 | wire type 2).
-_TAG_1 = b"\x0a"  # TracesData.resource_spans, ResourceSpans.resource, ScopeSpans.scope
-_TAG_2 = b"\x12"  # ResourceSpans.scope_spans, ScopeSpans.spans
-_TAG_3 = b"\x1a"  # ResourceSpans.schema_url, ScopeSpans.schema_url
+_TAG_1 = 0x0A  # TracesData.resource_spans, ResourceSpans.resource, ScopeSpans.scope
+_TAG_2 = 0x12  # ResourceSpans.scope_spans, ScopeSpans.spans
+_TAG_1_BYTE = b"\x0a"
+_TAG_2_BYTE = b"\x12"
 
 
 def _varint(n: int) -> bytes:
@@ -47,8 +51,8 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-# Length prefixes of all sizes below 16 KiB, precomputed: almost every span and scope header is that small, and a
-# table lookup is several times cheaper than encoding a varint in Python per span.
+# Length prefixes of all sizes below 16 KiB, precomputed: a table lookup is several times cheaper than encoding a
+# varint in Python, and nearly every scope and resource header is that small.
 _SMALL_VARINTS = [_varint(n) for n in range(1 << 14)]
 
 
@@ -56,18 +60,93 @@ def _len_prefix(n: int) -> bytes:
     return _SMALL_VARINTS[n] if n < 16384 else _varint(n)
 
 
-def _field(tag: bytes, payload: bytes) -> bytes:
-    return b"".join((tag, _len_prefix(len(payload)), payload))
+class _Malformed(Exception):
+    """The outer levels are not the expected wire shape (should not happen after a successful parse)."""
 
 
-def _repeated(tag: bytes, payloads: list[bytes]) -> list[bytes]:
-    """Chunks of a repeated length-delimited field, to be joined once by the caller."""
-    out = []
-    for p in payloads:
-        out.append(tag)
-        out.append(_len_prefix(len(p)))
-        out.append(p)
-    return out
+def _fields(buf: bytes, start: int, end: int):
+    """Walk protobuf fields in ``buf[start:end]``; yield (tag, field_start, value_start, value_end).
+
+    ``field_start`` is where the tag begins, so ``buf[field_start:value_end]`` is the whole field as encoded.
+    Only the outer message levels are walked, so this loop runs once per span, not per attribute.
+    """
+    i = start
+    while i < end:
+        field_start = i
+        tag = buf[i]
+        i += 1
+        if tag >= 0x80:  # multi-byte tag: only unknown (high-numbered) fields, never ours
+            shift, tag = 7, tag & 0x7F
+            while True:
+                b = buf[i]
+                i += 1
+                tag |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+        wire_type = tag & 7
+        if wire_type == 2:
+            n = buf[i]
+            i += 1
+            if n >= 0x80:
+                shift, n = 7, n & 0x7F
+                while True:
+                    b = buf[i]
+                    i += 1
+                    n |= (b & 0x7F) << shift
+                    if b < 0x80:
+                        break
+                    shift += 7
+            value_start = i
+            i += n
+        elif wire_type == 0:
+            value_start = i
+            while buf[i] >= 0x80:
+                i += 1
+            i += 1
+        elif wire_type == 1:
+            value_start, i = i, i + 8
+        elif wire_type == 5:
+            value_start, i = i, i + 4
+        else:
+            raise _Malformed(f"unexpected wire type {wire_type}")
+        if i > end:
+            raise _Malformed("field runs past its message")
+        yield tag, field_start, value_start, i
+
+
+@dataclass(slots=True)
+class _Scope:
+    header: list  # whole encoded fields other than the items: scope, schema_url (and unknown fields)
+    items: list  # (field_start, field_end) of each item's whole field (tag + length + bytes)
+
+
+@dataclass(slots=True)
+class _Resource:
+    header: list
+    scopes: list
+
+
+def _scan(buf: bytes, mv: memoryview) -> list[_Resource]:
+    resources: list[_Resource] = []
+    for tag, _, rs_start, rs_end in _fields(buf, 0, len(buf)):
+        if tag != _TAG_1:
+            continue  # not a TracesData field: dropped, as a TracesData parser would ignore it anyway
+        res = _Resource([], [])
+        for tag2, f2, s2, e2 in _fields(buf, rs_start, rs_end):
+            if tag2 != _TAG_2:
+                res.header.append(mv[f2:e2])
+                continue
+            scope = _Scope([], [])
+            items = scope.items
+            for tag3, f3, _, e3 in _fields(buf, s2, e2):
+                if tag3 == _TAG_2:
+                    items.append((f3, e3))
+                else:
+                    scope.header.append(mv[f3:e3])
+            res.scopes.append(scope)
+        resources.append(res)
+    return resources
 
 
 @dataclass(slots=True)
@@ -120,11 +199,7 @@ class _Rejections:
 
 
 def _span_keys(items: Any, where: str, rej: _Rejections) -> list[bytes | None]:
-    """Trace id per span (16 bytes), or None for an invalid span (the reason goes to ``rej``).
-
-    Reads the ids column-wise first: one list comprehension per id field is several times cheaper than
-    building per-span error context, which is only done for the rare invalid span.
-    """
+    """Trace id per span (16 bytes), or None for an invalid span (the reason goes to ``rej``)."""
     tids = [s.trace_id for s in items]
     sids = [s.span_id for s in items]
     psids = [s.parent_span_id for s in items]
@@ -139,7 +214,7 @@ def _span_keys(items: Any, where: str, rej: _Rejections) -> list[bytes | None]:
             rej.add(f"{where}[{i}]: trace_id must be 16 bytes and not all zero (got {len(tid)} bytes)")
         elif len(sid) != 8 or sid == _ZERO_SPAN_ID:
             rej.add(f"{where}[{i}]: span_id must be 8 bytes and not all zero (got {len(sid)} bytes)")
-        elif len(psid) not in (0, 8):
+        elif len(psid) not in _EMPTY_OR_8:
             rej.add(f"{where}[{i}]: parent_span_id must be empty or 8 bytes (got {len(psid)} bytes)")
         else:
             keys.append(tid)
@@ -167,14 +242,26 @@ def _log_keys(items: Any, where: str, rej: _Rejections) -> list[bytes | None]:
     return keys
 
 
-# Per trace, the pieces collected in request order: [resource_index, scope_index, [item bytes, ...]], or
-# [resource_index, scope_index, None] when the whole scope belongs to the trace.
-_Piece = list
+class _Piece:
+    """Items of one trace under one (resource, scope): item field ranges, consecutive ones merged."""
+
+    __slots__ = ("ri", "si", "ranges", "count")
+
+    def __init__(self, ri: int, si: int, start: int, end: int) -> None:
+        self.ri, self.si, self.ranges, self.count = ri, si, [[start, end]], 1
+
+    def add(self, start: int, end: int) -> None:
+        last = self.ranges[-1]
+        if last[1] == start:
+            last[1] = end
+        else:
+            self.ranges.append([start, end])
+        self.count += 1
 
 
-def _split(request: Any, sig: _Signal) -> tuple[dict[bytes, list[_Piece]], _Rejections, int]:
+def _group(request: Any, sig: _Signal, wire: list[_Resource],
+           rej: _Rejections) -> tuple[dict[bytes, list[_Piece]], int]:
     keys_of = _span_keys if sig is _TRACES else _log_keys
-    rej = _Rejections()
     groups: dict[bytes, list[_Piece]] = {}
     accepted = 0
     for ri, rs in enumerate(getattr(request, sig.resources)):
@@ -182,136 +269,120 @@ def _split(request: Any, sig: _Signal) -> tuple[dict[bytes, list[_Piece]], _Reje
             items = getattr(ss, sig.items)
             if not items:
                 continue
+            ranges = wire[ri].scopes[si].items
+            if len(ranges) != len(items):
+                raise _Malformed("item count differs between parse and wire walk")
             keys = keys_of(items, f"{sig.resources}[{ri}].{sig.scopes}[{si}].{sig.items}", rej)
-            first = keys[0]
-            if first is not None and keys.count(first) == len(keys):
-                # Whole scope belongs to one trace: no per-item work.
-                groups.setdefault(first, []).append([ri, si, None])
-                accepted += len(keys)
-                continue
-            for it, key in zip(items, keys):
+            for key, (start, end) in zip(keys, ranges):
                 if key is None:
                     continue
                 accepted += 1
                 pieces = groups.get(key)
                 if pieces is None:
-                    groups[key] = [[ri, si, [it.SerializeToString()]]]
+                    groups[key] = [_Piece(ri, si, start, end)]
                     continue
                 last = pieces[-1]
-                if last[0] == ri and last[1] == si and last[2] is not None:
-                    last[2].append(it.SerializeToString())
+                if last.ri == ri and last.si == si:
+                    last.add(start, end)
                 else:
-                    pieces.append([ri, si, [it.SerializeToString()]])
-    return groups, rej, accepted
+                    pieces.append(_Piece(ri, si, start, end))
+    return groups, accepted
 
 
-def _encode_resource(rs: Any, sig: _Signal, scope_blobs: list[bytes]) -> bytes:
-    parts = []
-    if rs.HasField("resource"):
-        parts.append(_field(_TAG_1, rs.resource.SerializeToString()))
-    parts.extend(_repeated(_TAG_2, scope_blobs))
-    if rs.schema_url:
-        parts.append(_field(_TAG_3, rs.schema_url.encode()))
-    return b"".join(parts)
-
-
-def _encode_scope(ss: Any, item_blobs: list[bytes]) -> bytes:
-    parts = []
-    if ss.HasField("scope"):
-        parts.append(_field(_TAG_1, ss.scope.SerializeToString()))
-    parts.extend(_repeated(_TAG_2, item_blobs))
-    if ss.schema_url:
-        parts.append(_field(_TAG_3, ss.schema_url.encode()))
-    return b"".join(parts)
-
-
-def _encode(request: Any, sig: _Signal, pieces: list[_Piece]) -> bytes:
-    """Serialize the pieces of one trace as ``TracesData`` / ``LogsData`` bytes."""
-    resources = getattr(request, sig.resources)
-    out: list[bytes] = []
-    cur_ri = -1
-    scope_blobs: list[bytes] = []
-    for piece in pieces:
-        ri, si, item_blobs = piece[0], piece[1], piece[2]
-        if ri != cur_ri:
-            if cur_ri >= 0:
-                out.append(_field(_TAG_1, _encode_resource(resources[cur_ri], sig, scope_blobs)))
-            cur_ri, scope_blobs = ri, []
-        ss = getattr(resources[ri], sig.scopes)[si]
-        scope_blobs.append(ss.SerializeToString() if item_blobs is None else _encode_scope(ss, item_blobs))
-    if cur_ri >= 0:
-        out.append(_field(_TAG_1, _encode_resource(resources[cur_ri], sig, scope_blobs)))
+def _encode(mv: memoryview, wire: list[_Resource], pieces: list[_Piece]) -> bytes:
+    """``TracesData`` / ``LogsData`` bytes for the pieces of one trace (in request order)."""
+    out: list = []
+    i, n = 0, len(pieces)
+    while i < n:
+        ri = pieces[i].ri
+        res = wire[ri]
+        body: list = list(res.header)
+        while i < n and pieces[i].ri == ri:
+            piece = pieces[i]
+            scope = res.scopes[piece.si]
+            chunks = [*scope.header, *(mv[a:b] for a, b in piece.ranges)]
+            size = sum(map(len, chunks))
+            body.append(_TAG_2_BYTE)
+            body.append(_len_prefix(size))
+            body.extend(chunks)
+            i += 1
+        out.append(_TAG_1_BYTE)
+        out.append(_len_prefix(sum(map(len, body))))
+        out.extend(body)
     return b"".join(out)
 
 
-def _count(request: Any, sig: _Signal, pieces: list[_Piece]) -> int:
-    resources = getattr(request, sig.resources)
-    return sum(
-        len(p[2]) if p[2] is not None else len(getattr(getattr(resources[p[0]], sig.scopes)[p[1]], sig.items))
-        for p in pieces
-    )
-
-
-def _explode(request: Any, sig: _Signal, pieces: list[_Piece]) -> list[_Piece]:
-    """Turn whole-scope pieces into per-item pieces so an oversized trace can be cut between items."""
-    resources = getattr(request, sig.resources)
-    out: list[_Piece] = []
-    for ri, si, blobs in pieces:
-        if blobs is None:
-            items = getattr(getattr(resources[ri], sig.scopes)[si], sig.items)
-            blobs = [it.SerializeToString() for it in items]
-        out.extend([ri, si, [b]] for b in blobs)
-    return out
-
-
-def _records(request: Any, sig: _Signal, groups: dict[bytes, list[_Piece]], max_record_bytes: int,
-             rej: _Rejections, raw_body: bytes | None, total_items: int) -> list[Record]:
+def _cut(buf: bytes, mv: memoryview, wire: list[_Resource], key: bytes | None, pieces: list[_Piece], sig: _Signal,
+         max_record_bytes: int, rej: _Rejections) -> tuple[list[Record], int]:
+    """Records of at most ``max_record_bytes`` for an oversized trace; returns them and the items rejected."""
     records: list[Record] = []
-    if raw_body is not None and len(groups) == 1 and not rej.count and len(raw_body) <= max_record_bytes:
-        # One trace, nothing rejected: the request body already is the per-trace TracesData/LogsData.
-        ((tid, _),) = groups.items()
-        key = tid.hex().encode() if tid else None
-        return [Record(key, raw_body, sig.signal, total_items)]
-    for tid, pieces in groups.items():
-        key = tid.hex().encode() if tid else None
-        value = _encode(request, sig, pieces)
-        if len(value) <= max_record_bytes:
-            records.append(Record(key, value, sig.signal, _count(request, sig, pieces)))
-            continue
-        # Too big for one message: cut between items (same key, so the records stay on one partition, in order).
-        chunk: list[_Piece] = []
-        chunk_bytes = 0
-        for piece in _explode(request, sig, pieces):
-            size = len(piece[2][0]) + 64
-            if size > max_record_bytes:
-                rej.add(f"a {sig.item_noun} of trace {key.decode() if key else '-'} is {size} bytes, "
-                        f"over the {max_record_bytes}-byte record limit")
-                continue
-            if chunk and chunk_bytes + size > max_record_bytes:
-                records.append(Record(key, _encode(request, sig, chunk), sig.signal, len(chunk)))
-                chunk, chunk_bytes = [], 0
-            chunk.append(piece)
-            chunk_bytes += size
-        if chunk:
-            records.append(Record(key, _encode(request, sig, chunk), sig.signal, len(chunk)))
-    return records
+    rejected = 0
+    chunk: list[_Piece] = []
+    chunk_bytes = 0
+    for p in pieces:
+        for start, end in p.ranges:
+            for _, f, _, e in _fields(buf, start, end):  # a merged range may hold several items
+                size = e - f + 64  # + room for this item's share of resource/scope headers
+                if size > max_record_bytes:
+                    rej.add(f"a {sig.item_noun} of trace {key.decode() if key else '-'} is {e - f} bytes, "
+                            f"over the {max_record_bytes}-byte record limit")
+                    rejected += 1
+                    continue
+                if chunk and chunk_bytes + size > max_record_bytes:
+                    records.append(Record(key, _encode(mv, wire, chunk), sig.signal, sum(c.count for c in chunk)))
+                    chunk, chunk_bytes = [], 0
+                if chunk and chunk[-1].ri == p.ri and chunk[-1].si == p.si:
+                    chunk[-1].add(f, e)
+                else:
+                    chunk.append(_Piece(p.ri, p.si, f, e))
+                chunk_bytes += size
+    if chunk:
+        records.append(Record(key, _encode(mv, wire, chunk), sig.signal, sum(c.count for c in chunk)))
+    return records, rejected
 
 
 def _run(request: Any, sig: _Signal, max_record_bytes: int, raw_body: bytes | None) -> SplitResult:
-    groups, rej, accepted = _split(request, sig)
-    before = rej.count
-    records = _records(request, sig, groups, max_record_bytes, rej, raw_body, accepted)
-    accepted -= rej.count - before  # items over the record limit were rejected after being counted
+    buf = raw_body if raw_body is not None else request.SerializeToString()
+    try:
+        mv = memoryview(buf)
+        wire = _scan(buf, mv)
+        rej = _Rejections()
+        groups, accepted = _group(request, sig, wire, rej)
+    except (_Malformed, IndexError):
+        # Wire shapes upb accepts but the walk does not (e.g. deprecated group-encoded unknown fields): drop
+        # unknown fields and walk upb's canonical re-encoding instead. Rare, so the extra encode does not matter.
+        request = type(request).FromString(buf)
+        request.DiscardUnknownFields()
+        buf = request.SerializeToString()
+        mv = memoryview(buf)
+        wire = _scan(buf, mv)
+        rej = _Rejections()
+        groups, accepted = _group(request, sig, wire, rej)
+    if len(groups) == 1 and not rej.count and len(buf) <= max_record_bytes:
+        # One trace, nothing rejected: the request body already is the per-trace TracesData/LogsData.
+        ((tid, _),) = groups.items()
+        return SplitResult([Record(tid.hex().encode() if tid else None, buf, sig.signal, accepted)], accepted)
+    records: list[Record] = []
+    for tid, pieces in groups.items():
+        key = tid.hex().encode() if tid else None
+        value = _encode(mv, wire, pieces)
+        if len(value) <= max_record_bytes:
+            records.append(Record(key, value, sig.signal, sum(p.count for p in pieces)))
+            continue
+        # Too big for one record: cut between items (same key, so the records stay on one partition, in order).
+        cut, too_big = _cut(buf, mv, wire, key, pieces, sig, max_record_bytes, rej)
+        records.extend(cut)
+        accepted -= too_big
     return SplitResult(records, accepted, rej.count, rej.message(sig.item_noun))
 
 
 def split_traces(request: Any, max_record_bytes: int, raw_body: bytes | None = None) -> SplitResult:
     """Group an ``ExportTraceServiceRequest``'s spans by trace id into ``TracesData`` records.
 
-    ``max_record_bytes``: largest value to emit; bigger per-trace batches are cut between spans into several records
-    with the same key; a single span above it is rejected (counted in ``rejected``), never silently dropped.
-    ``raw_body``: the decompressed protobuf request bytes when available, passed through unchanged when the whole
-    request is one valid trace. Records come out in first-seen trace order.
+    ``request``: the parsed request (ids are validated from it). ``raw_body``: its protobuf bytes when available
+    (else the request is serialized once). ``max_record_bytes``: largest value to emit; bigger per-trace batches are
+    cut between spans into several records with the same key; a single span above it is rejected (counted in
+    ``rejected``), never silently dropped. Records come out in first-seen trace order.
     """
     return _run(request, _TRACES, max_record_bytes, raw_body)
 
