@@ -24,16 +24,18 @@ class InflightBudget:
         """Bytes held by requests now plus bytes held by the sink (``external``)."""
         return self._used + self._external()
 
-    def try_acquire(self, n: int) -> bool:
-        """Reserve ``n`` bytes; False (nothing reserved) when that would pass the limit.
+    def try_acquire(self, n: int, held: int = 0) -> bool:
+        """Reserve ``n`` more bytes for a request that already holds ``held``; False (nothing reserved) when that
+        would pass the limit.
 
         A single request larger than the whole limit is still admitted when nothing else is in flight, so a
-        legitimate big request (below the body cap) cannot be refused forever.
+        legitimate big request (below the body cap) cannot be refused forever; ``held`` keeps the request's own
+        earlier reservation from counting as "something else".
         """
         if n <= 0:
             return True
         used = self.used_bytes
-        if used + n > self.limit_bytes and used > 0:
+        if used + n > self.limit_bytes and used - held > 0:
             return False
         self._used += n
         return True

@@ -67,9 +67,10 @@ class ExportService:
         self.max_record_bytes = max_record_bytes
         self.retry_after_s = retry_after_s
 
-    def reserve(self, n: int) -> None:
-        """Reserve ``n`` in-flight bytes or raise :class:`Overloaded`; pair with :meth:`release`."""
-        if not self.budget.try_acquire(n):
+    def reserve(self, n: int, held: int = 0) -> None:
+        """Reserve ``n`` more in-flight bytes for a request already holding ``held``, or raise :class:`Overloaded`;
+        pair with :meth:`release`."""
+        if not self.budget.try_acquire(n, held):
             raise Overloaded(
                 f"receiver is over its in-flight limit ({self.budget.limit_bytes} bytes); retry later",
                 retry_after_s=self.retry_after_s)

@@ -35,17 +35,22 @@ _SERVICES = {
     "opentelemetry.proto.collector.logs.v1.LogsService": SIGNAL_LOGS,
 }
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_RETRY_INFO_KEY = "google.rpc.retryinfo-bin"
 _GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _MAX_MESSAGE_CHARS = 8192
 
 
 def _status_trailer(code: grpc.StatusCode, message: str, detail=None) -> tuple[tuple[str, bytes], ...]:
     status = status_pb2.Status(code=code.value[0], message=message)
+    trailers = []
     if detail is not None:
         packed = any_pb2.Any()
         packed.Pack(detail)
         status.details.append(packed)
-    return ((_STATUS_DETAILS_KEY, status.SerializeToString()),)
+        if isinstance(detail, error_details_pb2.RetryInfo):
+            # The OpenTelemetry Python exporter reads the delay only from this trailer, not from the status details.
+            trailers.append((_RETRY_INFO_KEY, detail.SerializeToString()))
+    return ((_STATUS_DETAILS_KEY, status.SerializeToString()), *trailers)
 
 
 class GrpcReceiver:
@@ -94,8 +99,8 @@ class GrpcReceiver:
         self.metrics.received_bytes.labels("grpc").inc(len(raw))
         reserved = 0
         try:
+            self.service.reserve(len(raw))  # raises when refused: nothing reserved, nothing to release
             reserved = len(raw)
-            self.service.reserve(reserved)
             message = parse_protobuf(signal, raw)
             outcome = await self.service.export(signal, message, source_id, received_at_ns, raw)
         except SinkUnavailable as exc:

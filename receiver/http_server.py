@@ -63,6 +63,10 @@ class HttpReceiver:
                                                      "X-Requested-With"]
         self.cors_max_age_s = cors_max_age_s
         self.shutting_down = False
+        # Large bodies are decoded one at a time off the loop: a decode may hold up to the cap (a bomb) or, for JSON,
+        # several times the body, and it runs before the budget knows the decoded size, so parallel decodes on the
+        # thread pool would multiply that peak by the pool size.
+        self._offload_slot = asyncio.Semaphore(1)
 
     def app(self) -> web.Application:
         # client_max_size bounds the raw (still compressed) body aiohttp will buffer; the decompressed size is
@@ -129,8 +133,8 @@ class HttpReceiver:
             length = request.content_length
             if length is not None and length > self.max_body_bytes:
                 raise PayloadTooLarge(self.max_body_bytes)
+            self.service.reserve(max(length or 0, 0))  # raises when refused: nothing reserved, nothing to release
             reserved = max(length or 0, 0)
-            self.service.reserve(reserved)
             try:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
@@ -138,11 +142,12 @@ class HttpReceiver:
             self.metrics.received_bytes.labels("http").inc(len(raw))
             encoding = request.headers.get("Content-Encoding")
             if len(raw) > _OFFLOAD_BYTES:
-                body = await asyncio.to_thread(decompress, raw, encoding, self.max_body_bytes)
+                async with self._offload_slot:
+                    body = await asyncio.to_thread(decompress, raw, encoding, self.max_body_bytes)
             else:
                 body = decompress(raw, encoding, self.max_body_bytes)
             extra = len(body) + len(raw) - reserved
-            self.service.reserve(extra)
+            self.service.reserve(extra, held=reserved)
             reserved += extra
             self.metrics.decoded_bytes.labels("http").inc(len(body))
             if not body:  # an empty request is a success with nothing to write (OTLP: empty envelopes)
@@ -153,7 +158,11 @@ class HttpReceiver:
                 passthrough = body
             else:
                 parse = functools.partial(parse_json_request, body, REQUEST_TYPES[signal])
-                message = await asyncio.to_thread(parse) if len(body) > _OFFLOAD_BYTES else parse()
+                if len(body) > _OFFLOAD_BYTES:
+                    async with self._offload_slot:
+                        message = await asyncio.to_thread(parse)
+                else:
+                    message = parse()
                 passthrough = None
             outcome = await self.service.export(signal, message, source_id, received_at_ns, passthrough)
             return self._reply(signal, 200, export_response_body(signal, outcome.rejected, outcome.error_message,

@@ -120,3 +120,11 @@ async def test_logs_service_export(make_server):
     with LocalLogReader(sink.path) as reader:
         records = reader.read(0, 10)
     assert [(r.signal, r.key) for r in records] == [("logs", rec.trace_id.hex())]
+
+
+async def test_unavailable_carries_retry_info_trailer_for_otel_python_exporter(make_server):
+    stub, _, _ = await make_server(budget=1 << 20, external=lambda: 2 << 20)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Export(make_genai_request(8, 8, seed=6))
+    raw = dict(err.value.trailing_metadata() or ()).get("google.rpc.retryinfo-bin")
+    assert error_details_pb2.RetryInfo.FromString(raw).retry_delay.seconds == 4

@@ -162,3 +162,12 @@ async def test_health_ready_and_metrics(make_client):
     assert 'trace_source_requests_total{protocol="http",signal="traces",status="200"} 1.0' in text
     assert 'trace_source_items_accepted_total{signal="traces"} 8.0' in text
     assert "trace_source_sink_write_seconds_bucket" in text and "trace_source_inflight_bytes" in text
+
+
+async def test_request_bigger_than_budget_is_admitted_when_alone(make_client):
+    # Raw body plus decompressed body exceed the budget; with nothing else in flight it must still be taken.
+    client = await make_client(budget=1 << 20, max_body=4 << 20)
+    req = make_genai_request(2, 2, seed=5)
+    req.resource_spans[0].scope_spans[0].spans[0].name = "x" * 600_000
+    resp = await client.post("/v1/traces", data=req.SerializeToString(), headers=PB)
+    assert resp.status == 200
