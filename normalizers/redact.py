@@ -106,8 +106,9 @@ TEXT_RULES: tuple[TextRule, ...] = (
     # Header or header-like text ("Authorization: Basic ..."); the scheme word stays readable.
     TextRule("authorization-header", "Aa", _WORD_START + r"(?i:uthorization)\\?[\"']?[ \t]*[:=][ \t]*\\?[\"']?"
              r"(?:(?i:basic|bearer|digest|token|negotiate|ntlm)[ \t]+)?(?P<v>[^\s\"'\\,;]{8,})"),
-    # 16+ characters: real tokens are long, while "Bearer of bad news" must stay.
-    TextRule("bearer-token", "Bb", r"(?<![A-Za-z0-9].)(?i:earer)[ \t]+(?P<v>[A-Za-z0-9._~+/-]{16,}=*)"),
+    # RFC 6750 token characters, 16+ of them (real tokens are long, while "Bearer of bad news" must stay), not
+    # ending in "." (the end of a sentence).
+    TextRule("bearer-token", "Bb", r"(?<![A-Za-z0-9].)(?i:earer)[ \t]+(?P<v>[A-Za-z0-9._~+/-]{15,}[A-Za-z0-9_~+/-]=*)"),
     TextRule("jwt", "e", r"(?<![A-Za-z0-9_-].)yJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"),
     # scheme://user:password@host: anchored on "://" (a scheme-first rule would be tried at every letter); the user
     # name stays.
@@ -187,8 +188,8 @@ class Redacted(NamedTuple):
 
 
 def _glob_matcher(globs: Iterable[str]):
-    """One compiled regex for a list of globs (``fnmatch`` syntax); its ``match`` tests a key."""
-    return re.compile("|".join(fnmatch.translate(g) for g in globs)).match
+    """One compiled regex for a list of globs (``fnmatch`` syntax); its ``match`` tests a key. No globs: never."""
+    return re.compile("|".join(fnmatch.translate(g) for g in globs) or "(?!)").match
 
 
 class _Tally:
@@ -231,6 +232,7 @@ class Redactor:
             f"{re.escape(c)}(?P<r{k}>{rest.replace('(?P<v>', f'(?P<v{k}>')})"
             for k, (_, c, rest) in enumerate(branches))) if branches else None
         self._mask_keys = self.config.mask_secrets and SECRET_ATTRIBUTE_RULE not in self.config.disabled_rules
+        # None = no list, so the common no-lists case skips rebuilding every attribute map.
         self._denied = _glob_matcher(self.config.deny_attributes) if self.config.deny_attributes else None
         self._allowed = (_glob_matcher(self.config.allow_attributes)
                          if self.config.allow_attributes is not None else None)
@@ -366,8 +368,8 @@ class Redactor:
 
         The returned report adds this pass's counts to those already in ``envelope.redaction`` (so redacting the
         spans first and the envelope afterwards reports each occurrence once: masks are not re-counted), and
-        ``masking_applied`` is true when either pass masked. The idempotency key is unchanged: redaction never
-        touches span ids, end times or status codes.
+        ``masking_applied`` is true when this pass or an earlier one ran with masking on. The idempotency key is
+        unchanged: redaction never touches span ids, end times or status codes.
         """
         tally = _Tally()
         spans = [self._span(s, tally) for s in envelope.spans]

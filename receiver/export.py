@@ -79,11 +79,12 @@ class ExportService:
         self.budget.release(n)
 
     async def export(self, signal: str, request, source_id: str, received_at_ns: int,
-                     raw_body: bytes | None = None) -> ExportOutcome:
+                     raw_body: bytes | None = None, transport: str = "otlp-http") -> ExportOutcome:
         """Split ``request`` by trace id and write it; return once durable.
 
         ``raw_body``: the decompressed protobuf bytes when the request arrived as protobuf (lets a single-trace
-        request pass through without re-encoding). Raises :class:`sinks.base.SinkUnavailable` when the sink cannot
+        request pass through without re-encoding). ``transport``: ``otlp-http`` or ``otlp-grpc``, recorded with
+        the data. Raises :class:`sinks.base.SinkUnavailable` when the sink cannot
         take the data now (the client must retry); nothing is acknowledged in that case.
         """
         split: SplitResult = _SPLITTERS[signal](request, self.max_record_bytes, raw_body)
@@ -93,7 +94,7 @@ class ExportService:
             sink_name = self.sink.name
             t0 = time.perf_counter()
             try:
-                await self.sink.write(Batch(split.records, source_id, received_at_ns))
+                await self.sink.write(Batch(split.records, source_id, received_at_ns, transport))
             except SinkUnavailable:
                 self.metrics.sink_errors.labels(sink_name).inc()
                 raise

@@ -26,6 +26,7 @@ HEADER_SOURCE_ID = "source-id"
 HEADER_SIGNAL = "signal"
 HEADER_RECEIVED_AT = "received-at"  # unix time in nanoseconds, decimal ASCII
 HEADER_CONTENT_TYPE = "content-type"
+HEADER_TRANSPORT = "transport"  # otlp-http | otlp-grpc: the envelope's source kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +50,13 @@ class Batch:
     """All records produced by one export request, with the metadata that travels as headers.
 
     ``source_id``: the authenticated source (see ``receiver.auth``); ``received_at_ns``: unix ns when the request
-    arrived.
+    arrived; ``transport``: ``otlp-http`` or ``otlp-grpc``.
     """
 
     records: Sequence[Record]
     source_id: str
     received_at_ns: int
+    transport: str = "otlp-http"
 
     @property
     def size_bytes(self) -> int:
@@ -67,6 +69,7 @@ class Batch:
             (HEADER_SIGNAL, record.signal.encode()),
             (HEADER_RECEIVED_AT, str(self.received_at_ns).encode()),
             (HEADER_CONTENT_TYPE, VALUE_CONTENT_TYPE.encode()),
+            (HEADER_TRANSPORT, self.transport.encode()),
         ]
 
 

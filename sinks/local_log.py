@@ -53,7 +53,8 @@ CREATE TABLE records (
     signal TEXT NOT NULL,
     source_id TEXT NOT NULL,
     received_at_ns INTEGER NOT NULL,
-    content_type TEXT NOT NULL
+    content_type TEXT NOT NULL,
+    transport TEXT NOT NULL
 );
 CREATE TABLE group_offsets (
     group_id TEXT NOT NULL,
@@ -64,10 +65,12 @@ CREATE TABLE group_offsets (
 """
 
 _INSERT = (
-    "INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type, transport)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_SELECT = 'SELECT "offset", topic, key, value, signal, source_id, received_at_ns, content_type FROM records'
+_SELECT = (
+    'SELECT "offset", topic, key, value, signal, source_id, received_at_ns, content_type, transport FROM records'
+)
 
 
 def _connect(path: Path, *, create: bool, check_same_thread: bool = True) -> sqlite3.Connection:
@@ -124,7 +127,8 @@ class LocalRecord:
 
     ``offset``: position in the log (> 0, strictly increasing in commit order). ``key``: trace id as 32 lowercase
     hex characters (``str``), or ``None``. ``value``: the OTLP protobuf bytes. ``received_at_ns``: unix time in
-    nanoseconds when the export request arrived. ``content_type``: media type of ``value``.
+    nanoseconds when the export request arrived. ``content_type``: media type of ``value``. ``transport``: how it
+    arrived (``otlp-http`` | ``otlp-grpc``).
     """
 
     offset: int
@@ -135,6 +139,7 @@ class LocalRecord:
     source_id: str
     received_at_ns: int
     content_type: str
+    transport: str
 
 
 class _Write:
@@ -240,6 +245,7 @@ class LocalLogSink:
                 batch.source_id,
                 batch.received_at_ns,
                 VALUE_CONTENT_TYPE,
+                batch.transport,
             )
             for r in batch.records
         ]

@@ -34,12 +34,13 @@ from sinks.base import (
     HEADER_RECEIVED_AT,
     HEADER_SIGNAL,
     HEADER_SOURCE_ID,
+    HEADER_TRANSPORT,
     SPANS_TOPIC,
     VALUE_CONTENT_TYPE,
 )
 from sinks.local_log import LOG_FILENAME, LocalLogReader
 
-HEADER_NAMES = (HEADER_SOURCE_ID, HEADER_SIGNAL, HEADER_RECEIVED_AT, HEADER_CONTENT_TYPE)
+HEADER_NAMES = (HEADER_SOURCE_ID, HEADER_SIGNAL, HEADER_RECEIVED_AT, HEADER_CONTENT_TYPE, HEADER_TRANSPORT)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def landed_local(state_dir: Path, topic: str = SPANS_TOPIC) -> list[Landed]:
                 out.append(Landed(rec.key, rec.value, {
                     HEADER_SOURCE_ID: rec.source_id, HEADER_SIGNAL: rec.signal,
                     HEADER_RECEIVED_AT: str(rec.received_at_ns), HEADER_CONTENT_TYPE: rec.content_type,
+                    HEADER_TRANSPORT: rec.transport,
                 }, f"local-log offset {rec.offset}"))
         return out
 
@@ -127,13 +129,14 @@ async def landed_kafka(bootstrap: str, topic: str, timeout_s: float = 60.0) -> l
 
 def check_record_contract(records: Sequence[Landed], *, source_id: str | None = None,
                           received_between: tuple[int, int] | None = None) -> None:
-    """Every record: all four headers, content type ``application/x-protobuf``, a known signal, the expected source
+    """Every record: all five headers, a known transport, content type ``application/x-protobuf``, a known signal, the expected source
     id, and (optionally) ``received-at`` inside ``received_between`` (unix ns, inclusive)."""
     for rec in records:
         missing = [h for h in HEADER_NAMES if h not in rec.headers]
         assert not missing, f"{rec.where}: headers {missing} missing (have {sorted(rec.headers)})"
         assert rec.headers[HEADER_CONTENT_TYPE] == VALUE_CONTENT_TYPE, rec.where
         assert rec.signal in ("traces", "logs"), f"{rec.where}: signal {rec.signal!r}"
+        assert rec.headers[HEADER_TRANSPORT] in ("otlp-http", "otlp-grpc"), f"{rec.where}: transport"
         if source_id is not None:
             assert rec.source_id == source_id, f"{rec.where}: source-id {rec.source_id!r}, expected {source_id!r}"
         received_at = int(rec.headers[HEADER_RECEIVED_AT])

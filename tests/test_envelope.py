@@ -100,7 +100,7 @@ def test_schema_describes_the_model():
 
 
 def test_envelope_json_validates_against_the_published_schema():
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
     schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
     validator = jsonschema.Draft202012Validator(schema)
     validator.validate(json.loads(full_envelope().to_json_bytes()))
@@ -193,13 +193,13 @@ def _bad(**change) -> str:
     ({"idempotency_key": "abc"}, "idempotency_key"),
     ({"envelope_version": 0}, "envelope_version"),
     ({"received_at_unix_nano": -1}, "received_at_unix_nano"),
-    ({"source__kind": "OTLP HTTP"}, "kind"),
-    ({"source__id": ""}, "id"),
+    ({"source__kind": "OTLP HTTP"}, "source.kind"),
+    ({"source__id": ""}, "source.id"),
     ({"repository": "https://github.com/acme/agent"}, "repository"),
-    ({"completeness__closed_reason": "shutdown"}, "closed_reason"),
+    ({"completeness__closed_reason": "shutdown"}, "completeness.closed_reason"),
     ({"unexpected": 1}, "unexpected"),
-    ({"completeness__extra": True}, "extra"),
-    ({"redaction__dropped_by_allow_list": -2}, "dropped_by_allow_list"),
+    ({"completeness__extra": True}, "completeness.extra"),
+    ({"redaction__dropped_by_allow_list": -2}, "redaction.dropped_by_allow_list"),
 ])
 def test_invalid_fields_are_rejected_by_name(change, fragment):
     assert fragment in _bad(**change)
@@ -256,3 +256,11 @@ def test_repository_from_configuration_or_resource(configured, resource, expecte
 def test_resolved_repositories_validate():
     repo = repository_from(None, {"vcs.repository.url.full": "git@github.com:acme/agent.git"})
     assert envelope([span("00f067aa0ba902b7")], repository=repo).repository == "acme/agent"
+
+
+def test_the_example_in_the_docs_is_a_valid_envelope():
+    doc = (SCHEMA_PATH.parents[2] / "docs" / "envelope.md").read_text(encoding="utf-8")
+    example = doc.split("## Example", 1)[1].split("```json\n", 1)[1].split("\n```", 1)[0]
+    env = Envelope.from_json_bytes(example.encode())
+    assert env.repository == repository_from(None, env.resource)
+    assert env.redaction.masked == {"openai-api-key": 1}
