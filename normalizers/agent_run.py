@@ -31,8 +31,10 @@ class MessagePart(BaseModel):
 
     ``text``/``reasoning`` use ``content``; ``tool_call`` uses ``id``, ``name``, ``arguments`` (decoded JSON when the
     wire value was a JSON string, else the raw string); ``tool_call_response`` uses ``id`` and ``response`` (the
-    ``result`` spelling of Pydantic AI and the registry example is folded into ``response``). Other part types keep
-    their own fields (``modality``, ``mime_type``, ``uri``, ``file_id``, ...) as extra keys.
+    ``result`` spelling of Pydantic AI and the registry example is folded into ``response``; ``is_error: true`` is
+    added when the dialect marks the tool result as a failure: Vercel ``error-*`` outputs / ``isError``, Anthropic
+    ``is_error``). ``thinking`` parts become ``reasoning``. Other part types (``uri``, ``blob``, ``file``,
+    ``refusal``, ...) keep their own fields (``modality``, ``mime_type``, ``uri``, ``file_id``, ...) as extra keys.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -125,10 +127,12 @@ class RunError(BaseModel):
 class Usage(BaseModel):
     """Token totals over the run's LLM calls (semconv §5 "Tokens").
 
-    A call that wraps another traced call (e.g. an agent SDK's response span around the client library's span) is
-    not added twice: only the innermost call reporting tokens counts, and ``llm_call_count`` counts those calls.
-    Aggregates (Pydantic AI ``gen_ai.aggregated_usage.*``, Vercel root ``ai.usage.*``) are used only when no LLM
-    call reports tokens.
+    A call that wraps another traced call (e.g. an agent SDK's response span around the client library's span,
+    semconv §3 "Wrapper duplicates") is not added twice: a call's tokens count unless a descendant LLM call
+    reports tokens, and ``llm_call_count`` counts calls without an LLM-call descendant. ``total_tokens`` adds each
+    counted call's total, or its input + output when it reports no total. Aggregates (Pydantic AI
+    ``gen_ai.aggregated_usage.*``, GenAI ``invoke_agent`` usage, Vercel root ``ai.usage.*``) are used only when no
+    LLM call reports tokens (semconv §3 "Usage double counting", §5 "Tokens").
     """
 
     input_tokens: int = 0
@@ -206,7 +210,8 @@ def build_agent_run(spans: list[CanonicalSpan], log_events: list[CanonicalLogEve
     shallow = sorted(views.values(), key=lambda v: depth[v.span.span_id])  # stable: start order within a depth
 
     run_view = next((v for v in shallow if v.kind in _RUN_KINDS), None)
-    llm_calls = _llm_calls(views, facts, by_id)
+    drafts = _llm_drafts(views, facts, by_id)  # normalized dicts, in start order: text rules read these
+    llm_calls = [LlmCall.model_validate(d) for d in drafts]
     errors, span_error = _errors(views, facts, run_view, depth)
     for call in llm_calls:
         call.error = span_error.get(call.span_id)
@@ -216,10 +221,10 @@ def build_agent_run(spans: list[CanonicalSpan], log_events: list[CanonicalLogEve
     io_views = [v for v in shallow if v.kind in _RUN_KINDS
                 or (depth[v.span.span_id] == 0 and v.kind not in _STEP_KINDS)]
     task_input = (_first(v.trace_input for v in shallow) or _first(v.run_input for v in io_views)
-                  or _first(first_text(_dump(c.input_messages), "user") for c in llm_calls)
+                  or _first(first_text(d.get("input_messages", ()), "user") for d in drafts)
                   or facts.task_input)
     final_output = (_first(v.trace_output for v in shallow) or _first(v.run_output for v in io_views)
-                    or _last_answer(llm_calls) or facts.final_output)
+                    or _last_answer(drafts) or facts.final_output)
 
     dialects: list[str] = []
     for name in (*(n for v in views.values() for n in v.dialects), *facts.dialects):
@@ -245,10 +250,6 @@ def _first(values) -> Any:
     return next((v for v in values if v), None)
 
 
-def _dump(messages: list[Message]) -> list[dict[str, Any]]:
-    return [m.model_dump(exclude_none=True) for m in messages]
-
-
 def _depths(by_id: dict[str, CanonicalSpan]) -> dict[str, int]:
     """Span id -> depth below the trace root; a span whose parent is not in the trace counts as a root, and a
     parent cycle is cut where it closes."""
@@ -268,9 +269,10 @@ def _depths(by_id: dict[str, CanonicalSpan]) -> dict[str, int]:
     return depth
 
 
-def _llm_calls(views: dict[str, SpanView], facts: LogFacts,
-               by_id: dict[str, CanonicalSpan]) -> list[LlmCall]:
-    """LLM spans merged with the log facts of their span id (span attributes win), then log-only calls."""
+def _llm_drafts(views: dict[str, SpanView], facts: LogFacts,
+                by_id: dict[str, CanonicalSpan]) -> list[dict[str, Any]]:
+    """LlmCall field dicts: LLM spans merged with the log facts of their span id (span attributes win), then
+    log-only calls; sorted by start time."""
     drafts: list[dict[str, Any]] = []
     for sid, view in views.items():
         if view.kind != "llm":
@@ -290,7 +292,6 @@ def _llm_calls(views: dict[str, SpanView], facts: LogFacts,
             d = {**d, "start_time_unix_nano": span.start_time_unix_nano,
                  "end_time_unix_nano": span.end_time_unix_nano}
         drafts.append(d)
-    calls = []
     for d in drafts:
         if not d.get("finish_reasons"):
             d["finish_reasons"] = [m["finish_reason"] for m in d.get("output_messages", ())
@@ -302,9 +303,8 @@ def _llm_calls(views: dict[str, SpanView], facts: LogFacts,
             d["system_instructions"] = "\n".join(texts) or None
         d["content_captured"] = bool(d.get("input_messages") or d.get("output_messages")
                                      or d.get("system_instructions"))
-        calls.append(LlmCall.model_validate(d))
-    calls.sort(key=lambda c: c.start_time_unix_nano)
-    return calls
+    drafts.sort(key=lambda d: d.get("start_time_unix_nano") or 0)
+    return drafts
 
 
 def _span_errors(view: SpanView) -> list[dict[str, Any]]:
@@ -329,8 +329,11 @@ def _span_errors(view: SpanView) -> list[dict[str, Any]]:
 
 def _errors(views: dict[str, SpanView], facts: LogFacts, run_view: SpanView | None,
             depth: dict[str, int]) -> tuple[list[RunError], dict[str, str]]:
-    """All errors, plus span id -> a one-line error for LlmCall.error / ToolCall.error. The run's root (the
-    shallowest run span, else any recognized trace root) makes its errors fatal (semconv §4)."""
+    """All errors, plus span id -> a one-line error for LlmCall.error / ToolCall.error.
+
+    Fatal (semconv §4 "Hard failure"): the run's root (the shallowest run span, else any recognized trace root)
+    ended in ERROR or carries a dialect error attribute, or a dialect marked the span's errors fatal. An
+    ``exception`` event on a root that still ended OK was handled, so it is evidence only."""
     errors: list[RunError] = []
     by_span: dict[str, str] = {}
     for sid, view in views.items():
@@ -338,8 +341,9 @@ def _errors(views: dict[str, SpanView], facts: LogFacts, run_view: SpanView | No
         if not errs:
             continue
         is_root = view is run_view if run_view is not None else depth[sid] == 0
+        failed = view.span.status_code == "ERROR"
         for e in errs:
-            errors.append(RunError(**e, fatal=view.fatal or is_root))
+            errors.append(RunError(**e, fatal=(view.fatal or is_root) and (failed or e["source"] == "attribute")))
         first = errs[0]
         by_span[sid] = first["message"] or first["type"] or "error"
     errors.extend(RunError.model_validate(e) for e in facts.errors)
@@ -399,7 +403,7 @@ def _join_message_tools(drafts: list[dict[str, Any]], llm_calls: list[LlmCall]) 
     for part, call in (*requested.values(), *anonymous):
         target = by_call_id.get(part.id) if part.id else None
         if target is None:
-            target = next((d for d in unjoined if d.get("name") == part.name
+            target = next((d for d in unjoined if part.name and d.get("name") == part.name
                            and d["start_time_unix_nano"] >= call.start_time_unix_nano), None)
             if target is not None:
                 unjoined.remove(target)
@@ -416,13 +420,13 @@ def _join_message_tools(drafts: list[dict[str, Any]], llm_calls: list[LlmCall]) 
                 put(target, "error", to_str(resp.response) or "error")
 
 
-def _last_answer(llm_calls: list[LlmCall]) -> str | None:
+def _last_answer(drafts: list[dict[str, Any]]) -> str | None:
     """Last assistant text of the latest-ending LLM call whose finish reasons are terminal or unknown."""
-    for call in sorted(llm_calls, key=lambda c: c.end_time_unix_nano, reverse=True):
-        reasons = {r.lower() for r in call.finish_reasons}
+    for d in sorted(drafts, key=lambda d: d.get("end_time_unix_nano") or 0, reverse=True):
+        reasons = {r.lower() for r in d["finish_reasons"]}
         if reasons and not reasons & _TERMINAL:
             continue
-        if text := last_text(_dump(call.output_messages), "assistant"):
+        if text := last_text(d.get("output_messages", []), "assistant"):
             return text
     return None
 

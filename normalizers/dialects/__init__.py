@@ -2,7 +2,9 @@
 into per-span drafts (:class:`~normalizers.dialects._base.SpanView`) and trace-wide log facts
 (:class:`~normalizers.dialects._base.LogFacts`) for :func:`normalizers.agent_run.build_agent_run`.
 
-Every dialect module has ``NAME``, ``detect(span_or_event, ctx=None) -> bool`` and ``extract_span(ctx, view)``;
+Every dialect module has ``NAME``, ``detect(span_or_event, ctx=None) -> bool``, ``span_kind(ctx)`` (the span's
+:class:`~normalizers.dialects._base.SpanView` kind, or ``None`` when the dialect has no opinion) and
+``extract_span(ctx, view)``;
 :mod:`~normalizers.dialects.genai` and :mod:`~normalizers.dialects.claude_code` also read log records with
 ``extract_logs(events, views, facts)``.
 """
@@ -19,21 +21,22 @@ from normalizers.dialects._base import LogFacts, SpanCtx, SpanView
 class Dialect(NamedTuple):
     name: str
     detect: Callable[..., bool]
+    span_kind: Callable[[SpanCtx], str | None]
     extract_span: Callable[[SpanCtx, SpanView], None]
 
 
 # Detection order of semconv §3, which is also the reader precedence on a span: dialect-specific keys win over
 # the shared gen_ai.* keys (§3 "Hazards"), so the GenAI reader runs last on every recognized span.
 SPAN_DIALECTS: tuple[Dialect, ...] = (
-    Dialect(langfuse.NAME, langfuse.detect, langfuse.extract_span),
-    Dialect(openinference.NAME, openinference.detect, openinference.extract_span),
-    Dialect(openllmetry.NAME, openllmetry.detect, openllmetry.extract_span),
-    Dialect(vercel.NAME, vercel.detect, vercel.extract_span),
-    Dialect(pydantic_ai.NAME, pydantic_ai.detect, pydantic_ai.extract_span),
-    Dialect(pydantic_ai.LOGFIRE_NAME, pydantic_ai.detect_logfire, pydantic_ai.extract_span),
-    Dialect(claude_code.NAME, claude_code.detect, claude_code.extract_span),
+    Dialect(langfuse.NAME, langfuse.detect, langfuse.span_kind, langfuse.extract_span),
+    Dialect(openinference.NAME, openinference.detect, openinference.span_kind, openinference.extract_span),
+    Dialect(openllmetry.NAME, openllmetry.detect, openllmetry.span_kind, openllmetry.extract_span),
+    Dialect(vercel.NAME, vercel.detect, vercel.span_kind, vercel.extract_span),
+    Dialect(pydantic_ai.NAME, pydantic_ai.detect, pydantic_ai.span_kind, pydantic_ai.extract_span),
+    Dialect(pydantic_ai.LOGFIRE_NAME, pydantic_ai.detect_logfire, pydantic_ai.span_kind, pydantic_ai.extract_span),
+    Dialect(claude_code.NAME, claude_code.detect, claude_code.span_kind, claude_code.extract_span),
 )
-GENAI = Dialect(genai.NAME, genai.detect, genai.extract_span)
+GENAI = Dialect(genai.NAME, genai.detect, genai.span_kind, genai.extract_span)
 DIALECT_NAMES: tuple[str, ...] = tuple(d.name for d in SPAN_DIALECTS) + (GENAI.name,)
 
 
@@ -59,9 +62,13 @@ def read_span(span: CanonicalSpan) -> SpanView | None:
     names = _span_names(span, ctx, matched)
     if not names:
         return None
-    view = SpanView(span=span, dialects=names)
+    readers = (*matched, GENAI)
+    # The kind is settled before any reader runs, so a dialect that only adds keys to GenAI-typed spans (Pydantic
+    # AI v3+, Langfuse on OTel spans) still knows whether it is looking at an LLM call, a tool or a run.
+    kind = next((k for d in readers if (k := d.span_kind(ctx))), None)
+    view = SpanView(span=span, dialects=names, kind=kind)
     done: set[Callable] = set()
-    for d in (*matched, GENAI):
+    for d in readers:
         if d.extract_span not in done:  # Pydantic AI and Logfire share one reader
             done.add(d.extract_span)
             d.extract_span(ctx, view)

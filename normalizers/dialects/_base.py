@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from normalizers.canonical import CanonicalSpan
+from normalizers.canonical import CanonicalLogEvent, CanonicalSpan
 
 _MISSING = object()
 
@@ -25,6 +25,12 @@ def decode_json(value: Any) -> Any:
             except ValueError:
                 return value
     return value
+
+
+def log_name(ev: CanonicalLogEvent) -> str:
+    """A log record's event name: ``event_name`` (OTLP ≥1.5) or the ``event.name`` attribute of older SDKs.
+    ``canonical`` already merges them for OTLP input; records built from other sources may carry only one."""
+    return ev.event_name or to_str(ev.attributes.get("event.name")) or ""
 
 
 def compact_json(value: Any) -> str:
@@ -153,7 +159,7 @@ class SpanView:
     def set(self, name: str, value: Any) -> None:
         """First-writer-wins assignment of a scalar field; non-string values are stringified."""
         if present(value) and getattr(self, name) is None:
-            setattr(self, name, value if name == "kind" or isinstance(value, str) else to_str(value))
+            setattr(self, name, value if isinstance(value, str) else to_str(value))
 
     def add_error(self, type_: Any = None, message: Any = None) -> None:
         """Record a dialect-specific error attribute (``RunError.source="attribute"``)."""
@@ -168,8 +174,8 @@ class LogFacts:
     ``llm``: LLM-call field dicts keyed by the span id they belong to, or by a synthetic ``"log:N"`` key for calls
     seen only in logs with no usable span (their ``span_id`` field holds whatever id the record carried).
     ``tools``: ToolCall field dicts (``span_id`` = the record's span id). ``errors``: RunError dicts.
-    ``task_inputs`` / ``final_outputs``: run-level text candidates, in event order; the reader decides which one
-    wins by ordering (first input, last output).
+    ``task_input`` / ``final_output`` / ``agent_name`` / ``session_id`` / ``user_id``: run-level fallbacks used
+    when no span provides them. ``dialects``: dialects seen in log records, first-seen order.
     """
 
     llm: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -110,6 +110,10 @@ def _content_parts(content: Any) -> list[dict[str, Any]]:
     return [_part(content)]
 
 
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
 def _tool_call_part(tc: Any) -> dict[str, Any] | None:
     """OpenAI ``tool_calls[]`` item ``{id, type, function:{name, arguments}}`` or the flattened
     ``{id, name, arguments}`` form (OpenLLMetry, legacy GenAI events)."""
@@ -136,7 +140,7 @@ def chat_message(obj: Any, default_role: str) -> dict[str, Any] | None:
     if isinstance(inner, dict) and "role" not in obj and "parts" not in obj:
         msg = chat_message(inner, "assistant") or {"role": "assistant", "parts": []}
         # gen_ai.choice puts tool_calls beside `message` (openai-v2 nests them inside, handled by the recursion).
-        msg["parts"].extend(p for tc in obj.get("tool_calls") or () if (p := _tool_call_part(tc)))
+        msg["parts"].extend(p for tc in _as_list(obj.get("tool_calls")) if (p := _tool_call_part(tc)))
         if present(obj.get("finish_reason")):
             msg["finish_reason"] = to_str(obj["finish_reason"])
         return msg
@@ -150,7 +154,7 @@ def chat_message(obj: Any, default_role: str) -> dict[str, Any] | None:
             parts = [_response_part(call_id, obj.get("name"), content, False)]
         else:
             parts = _content_parts(content)
-        parts.extend(p for tc in obj.get("tool_calls") or () if (p := _tool_call_part(tc)))
+        parts.extend(p for tc in _as_list(obj.get("tool_calls")) if (p := _tool_call_part(tc)))
         if isinstance(obj.get("function_call"), dict):  # pre-tools OpenAI API
             parts.append(_tool_call_part(obj["function_call"]))
     msg: dict[str, Any] = {"role": role, "parts": parts}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from normalizers.canonical import CanonicalLogEvent, CanonicalSpan
-from normalizers.dialects._base import LogFacts, SpanCtx, SpanView, decode_json, put, to_int, to_str
+from normalizers.dialects._base import LogFacts, SpanCtx, SpanView, decode_json, log_name, put, to_int, to_str
 
 NAME = "claude-code"
 
@@ -23,6 +23,7 @@ _SHORT_NAMES = frozenset({
     "api_request_body", "api_response_body", "tool_result", "tool_decision", "subagent_completed",
     "internal_error"})
 _REDACTED = "<REDACTED>"
+_SPAN_KINDS = {"llm_request": "llm", "tool": "tool", "interaction": "agent"}
 
 
 def _content(value: Any) -> Any:
@@ -37,7 +38,7 @@ def event_name(ev: CanonicalLogEvent) -> str | None:
     full) — semconv §2.7 "Read body, event_name and event.name" — else ``None``."""
     if isinstance(ev.body, str) and ev.body.startswith(_PREFIX):
         return ev.body
-    name = ev.event_name
+    name = log_name(ev)
     if name.startswith(_PREFIX):
         return name
     if name in _SHORT_NAMES and ("prompt.id" in ev.attributes or ev.scope.name == _EVENTS_SCOPE
@@ -72,10 +73,16 @@ def _failed(a: dict[str, Any]) -> bool:
     return str(a.get("success", "")).lower() == "false"
 
 
+def span_kind(ctx: SpanCtx) -> str | None:
+    """``claude_code.llm_request`` -> llm, ``claude_code.tool`` -> tool, ``claude_code.interaction`` -> agent;
+    the other spans (``tool.blocked_on_user``, ``tool.execution``, ``hook``) keep their own name."""
+    name = ctx.span.name.removeprefix(_PREFIX)
+    return _SPAN_KINDS.get(name, name)
+
+
 def extract_span(ctx: SpanCtx, view: SpanView) -> None:
     a, name = ctx.attrs, ctx.span.name
     if name == "claude_code.llm_request":
-        view.set("kind", "llm")
         view.fatal = True  # semconv §4: an llm_request span in ERROR is a hard failure (retries are span events)
         d = view.llm
         put(d, "model", to_str(a.get("model") or a.get("gen_ai.request.model")))
@@ -86,7 +93,6 @@ def extract_span(ctx: SpanCtx, view: SpanView) -> None:
         put(d, "cache_creation_input_tokens", to_int(a.get("cache_creation_tokens")))
         put(d, "finish_reasons", [to_str(a["stop_reason"])] if a.get("stop_reason") else [])
     elif name == "claude_code.tool":
-        view.set("kind", "tool")
         t = view.tool
         put(t, "name", to_str(a.get("tool_name")))
         put(t, "call_id", to_str(a.get("tool_use_id") or a.get("gen_ai.tool.call.id")))
@@ -94,11 +100,8 @@ def extract_span(ctx: SpanCtx, view: SpanView) -> None:
         put(t, "arguments", _content(ctx.json("tool_parameters")))
         put(t, "result", _tool_output(ctx.span))
     elif name == "claude_code.interaction":
-        view.set("kind", "agent")
         view.set("run_input", _content(a.get("user_prompt")))
         view.set("agent_name", a.get("agent.name") or ctx.span.resource.get("service.name"))
-    else:  # claude_code.tool.blocked_on_user, claude_code.tool.execution, claude_code.hook
-        view.set("kind", name[len(_PREFIX):])
     if _failed(a) or _content(a.get("error")):
         view.add_error(a.get("status_code"), _content(a.get("error")))
     view.set("session_id", a.get("session.id"))

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from normalizers.canonical import CanonicalLogEvent, CanonicalSpan
-from normalizers.dialects._base import LogFacts, SpanCtx, SpanView, present, put, str_list, to_int, to_str
+from normalizers.dialects._base import (LogFacts, SpanCtx, SpanView, log_name, present, put, str_list, to_int,
+                                       to_str)
 from normalizers.dialects._messages import (EVENT_ROLES, chat_message, first_text, genai_messages, last_text,
                                             system_instructions_text)
 
@@ -24,13 +25,15 @@ _OP_KINDS = {"chat": "llm", "text_completion": "llm", "generate_content": "llm",
 DETAILS_EVENT = "gen_ai.client.inference.operation.details"
 EXCEPTION_EVENT = "gen_ai.client.operation.exception"
 _CHOICE_EVENT = "gen_ai.choice"
+_CONTENT_EVENTS = frozenset({*EVENT_ROLES, _CHOICE_EVENT, "gen_ai.content.prompt", "gen_ai.content.completion",
+                             DETAILS_EVENT})
 
 
 def detect(item: CanonicalSpan | CanonicalLogEvent, ctx: SpanCtx | None = None) -> bool:
     """Spans: ``gen_ai.operation.name``, ``gen_ai.provider.name`` or ``gen_ai.system`` (semconv §3 rule 8; the
     registry only calls it GenAI when no other dialect matched). Log events: any ``gen_ai.*`` event name."""
     if isinstance(item, CanonicalLogEvent):
-        return item.event_name.startswith("gen_ai.")
+        return log_name(item).startswith("gen_ai.")
     a = item.attributes
     return "gen_ai.operation.name" in a or "gen_ai.provider.name" in a or "gen_ai.system" in a
 
@@ -84,45 +87,44 @@ def usage_fields(a: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
-def apply_message_event(name: str, payload: Mapping[str, Any], d: dict[str, Any]) -> bool:
+def apply_message_event(name: str, payload: Mapping[str, Any], d: dict[str, Any]) -> None:
     """One content event (span event or log record; semconv §5 "Treat gen_ai.* span events and log events
     alike") -> appended/filled LlmCall fields in ``d``. Handles the deprecated ``gen_ai.{system,user,assistant,
     tool}.message`` / ``gen_ai.choice`` bodies (1.28–1.36), the 1.27 ``gen_ai.content.prompt`` /
     ``gen_ai.content.completion`` span events and ``gen_ai.client.inference.operation.details`` (≥1.37).
-    Returns whether the event was a content event."""
+    Other names are ignored."""
     if name in EVENT_ROLES:
         if (m := chat_message(dict(payload), EVENT_ROLES[name])) is not None:
             d.setdefault("input_messages", []).append(m)
-        return True
-    if name == _CHOICE_EVENT:
+    elif name == _CHOICE_EVENT:
         if (m := chat_message(dict(payload), "assistant")) is not None:
             d.setdefault("output_messages", []).append(m)
             if m.get("finish_reason"):
                 d.setdefault("finish_reasons", []).append(m["finish_reason"])
-        return True
-    if name == "gen_ai.content.prompt":
+    elif name == "gen_ai.content.prompt":
         put(d, "input_messages", genai_messages(payload.get("gen_ai.prompt"), "user"))
-        return True
-    if name == "gen_ai.content.completion":
+    elif name == "gen_ai.content.completion":
         put(d, "output_messages", genai_messages(payload.get("gen_ai.completion"), "assistant"))
-        return True
-    if name == DETAILS_EVENT:
+    elif name == DETAILS_EVENT:
         fill_llm(payload, d)
-        return True
-    return False
+
+
+def span_kind(ctx: SpanCtx) -> str | None:
+    """``gen_ai.operation.name`` mapped by ``_OP_KINDS``; without one, tool and model keys decide."""
+    op = to_str(ctx.attrs.get("gen_ai.operation.name"))
+    if op:
+        return _OP_KINDS.get(op, op)
+    if ctx.first("gen_ai.tool.name", "gen_ai.tool.call.id"):
+        # Tool spans without an operation name (older Pydantic AI; Langfuse mapper rule 7, semconv §2.5).
+        return "tool"
+    if ctx.first("gen_ai.request.model", "gen_ai.response.model", "gen_ai.prompt", "gen_ai.completion"):
+        return "llm"  # 1.26–1.27 inference spans carry no operation name
+    return None
 
 
 def extract_span(ctx: SpanCtx, view: SpanView) -> None:
     """Fill ``view`` from ``gen_ai.*`` span attributes and ``gen_ai.*`` span events."""
     a = ctx.attrs
-    op = to_str(a.get("gen_ai.operation.name"))
-    if op:
-        view.set("kind", _OP_KINDS.get(op, op))
-    elif ctx.first("gen_ai.tool.name", "gen_ai.tool.call.id"):
-        # Tool spans without an operation name (older Pydantic AI; Langfuse mapper rule 7, semconv §2.5).
-        view.set("kind", "tool")
-    elif ctx.first("gen_ai.request.model", "gen_ai.response.model", "gen_ai.prompt", "gen_ai.completion"):
-        view.set("kind", "llm")  # 1.26–1.27 inference spans carry no operation name
     kind = view.kind
     if kind == "llm":
         fill_llm(a, view.llm)
@@ -160,16 +162,17 @@ def extract_logs(events: list[CanonicalLogEvent], views: dict[str, SpanView], fa
     group = 0
     last_side = "input"
     for ev in events:
-        name = ev.event_name
-        payload = ev.body if isinstance(ev.body, dict) else ev.attributes
-        if name == DETAILS_EVENT and isinstance(ev.body, dict):
-            payload = {**ev.attributes, **ev.body}  # the record may split content (body) and metadata (attrs)
+        name = log_name(ev)
+        # Bodies carry the content (legacy events: the whole message), attributes the metadata.
+        payload = {**ev.attributes, **ev.body} if isinstance(ev.body, dict) else ev.attributes
         facts.set("session_id", payload.get("gen_ai.conversation.id"))
         if name == EXCEPTION_EVENT:
             facts.errors.append({"span_id": ev.span_id, "source": "log-event",
                                  "type": to_str(payload.get("error.type") or payload.get("exception.type")),
                                  "message": to_str(payload.get("exception.message"))})
             continue
+        if name not in _CONTENT_EVENTS:
+            continue  # e.g. gen_ai.evaluation.result: no call data
         side = "output" if name in (_CHOICE_EVENT, "gen_ai.content.completion") else "input"
         if ev.span_id:
             key = ev.span_id
@@ -179,13 +182,8 @@ def extract_logs(events: list[CanonicalLogEvent], views: dict[str, SpanView], fa
             last_side = "output" if name == DETAILS_EVENT else side
             key = f"log:{group}"
         d = facts.llm.get(key)
-        fresh = d is None
-        if fresh:
-            d = {"span_id": ev.span_id}
-        if not apply_message_event(name, payload, d):
-            continue  # other gen_ai.* events (e.g. gen_ai.evaluation.result) carry no call data
-        facts.llm[key] = d
-        if fresh and ev.span_id not in views:
-            d["start_time_unix_nano"] = ev.time_unix_nano
+        if d is None:
+            d = facts.llm[key] = {"span_id": ev.span_id, "start_time_unix_nano": ev.time_unix_nano}
+        apply_message_event(name, payload, d)
         if ev.span_id not in views:
             d["end_time_unix_nano"] = max(d.get("end_time_unix_nano", 0), ev.time_unix_nano)

@@ -63,11 +63,14 @@ def _usage(details: Any) -> dict[str, int]:
     return out
 
 
+def span_kind(ctx: SpanCtx) -> str | None:
+    """``langfuse.observation.type`` (semconv §2.5 mapper rule 1) -> view kind."""
+    obs_type = to_str(ctx.attrs.get("langfuse.observation.type"))
+    return _TYPES.get(obs_type.lower(), obs_type.lower()) if obs_type else None
+
+
 def extract_span(ctx: SpanCtx, view: SpanView) -> None:
     a = ctx.attrs
-    obs_type = to_str(a.get("langfuse.observation.type"))
-    if obs_type:
-        view.set("kind", _TYPES.get(obs_type.lower(), obs_type.lower()))
     kind = view.kind
     inp, out = a.get("langfuse.observation.input"), a.get("langfuse.observation.output")
     if kind == "llm":

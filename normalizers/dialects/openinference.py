@@ -19,11 +19,14 @@ def detect(item: CanonicalSpan | CanonicalLogEvent, ctx: SpanCtx | None = None) 
         or item.scope.name.startswith("openinference.instrumentation."))
 
 
+def span_kind(ctx: SpanCtx) -> str | None:
+    """``openinference.span.kind`` (UPPERCASE enum, semconv §2.2) -> view kind."""
+    raw = to_str(ctx.attrs.get("openinference.span.kind"))
+    return _KINDS.get(raw.upper(), raw.lower()) if raw else None
+
+
 def extract_span(ctx: SpanCtx, view: SpanView) -> None:
     a = ctx.attrs
-    raw_kind = to_str(a.get("openinference.span.kind"))
-    if raw_kind:
-        view.set("kind", _KINDS.get(raw_kind.upper(), raw_kind.lower()))
     kind = view.kind
     if kind == "llm":
         _llm(ctx, view)

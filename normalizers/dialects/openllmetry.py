@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from normalizers.canonical import CanonicalLogEvent, CanonicalSpan
-from normalizers.dialects._base import SpanCtx, SpanView, decode_json, put, to_int, to_str
+from normalizers.dialects._base import SpanCtx, SpanView, put, to_int, to_str
 from normalizers.dialects._messages import oll_flat_messages, payload_text
 
 NAME = "openllmetry"
@@ -43,8 +44,14 @@ def detect(item: CanonicalSpan | CanonicalLogEvent, ctx: SpanCtx | None = None) 
 def entity_value(value: Any) -> Any:
     """``traceloop.entity.input`` = JSON ``{"args": [...], "kwargs": {...}}`` -> the kwargs dict when there are no
     positional args, the single positional arg when there are no kwargs, else the whole decoded object.
-    Other values (``traceloop.entity.output``) are just JSON-decoded."""
-    v = decode_json(value)
+    Other values (``traceloop.entity.output``) are just JSON-decoded. The SDK always JSON-encodes these, so a
+    JSON string scalar (``"\"text\""``) is decoded too; undecodable values stay raw."""
+    v = value
+    if isinstance(value, str):
+        try:
+            v = json.loads(value)
+        except ValueError:
+            return value
     if isinstance(v, dict) and set(v) <= {"args", "kwargs"} and v:
         args, kwargs = v.get("args") or [], v.get("kwargs") or {}
         if not args and isinstance(kwargs, dict):
@@ -54,15 +61,20 @@ def entity_value(value: Any) -> Any:
     return v
 
 
+def span_kind(ctx: SpanCtx) -> str | None:
+    """``traceloop.span.kind`` (decorators), else old LLM spans' ``llm.request.type`` or flat prompt keys."""
+    a = ctx.attrs
+    if kind := to_str(a.get("traceloop.span.kind")):
+        return _SPAN_KINDS.get(kind, kind)
+    if req := to_str(a.get("llm.request.type")):
+        return _REQUEST_KINDS.get(req, req)
+    if _has_flat(ctx, "gen_ai.prompt") or _has_flat(ctx, "gen_ai.completion"):
+        return "llm"
+    return None
+
+
 def extract_span(ctx: SpanCtx, view: SpanView) -> None:
     a = ctx.attrs
-    span_kind = to_str(a.get("traceloop.span.kind"))
-    if span_kind:
-        view.set("kind", _SPAN_KINDS.get(span_kind, span_kind))
-    elif (req := to_str(a.get("llm.request.type"))) is not None:
-        view.set("kind", _REQUEST_KINDS.get(req, req))
-    elif _has_flat(ctx, "gen_ai.prompt") or _has_flat(ctx, "gen_ai.completion"):
-        view.set("kind", "llm")
     kind = view.kind
     if kind == "llm":
         d = view.llm
@@ -76,11 +88,11 @@ def extract_span(ctx: SpanCtx, view: SpanView) -> None:
     elif kind == "tool":
         t = view.tool
         put(t, "name", to_str(a.get("gen_ai.tool.name") or a.get("traceloop.entity.name")))
-        put(t, "arguments", entity_value(ctx.json("traceloop.entity.input")))
-        put(t, "result", entity_value(ctx.json("traceloop.entity.output")))
+        put(t, "arguments", entity_value(a.get("traceloop.entity.input")))
+        put(t, "result", entity_value(a.get("traceloop.entity.output")))
     else:
-        view.set("run_input", _entity_text(ctx.json("traceloop.entity.input"), output=False))
-        view.set("run_output", _entity_text(ctx.json("traceloop.entity.output"), output=True))
+        view.set("run_input", _entity_text(a.get("traceloop.entity.input"), output=False))
+        view.set("run_output", _entity_text(a.get("traceloop.entity.output"), output=True))
         if kind == "agent":
             view.set("agent_name", a.get("gen_ai.agent.name") or a.get("traceloop.entity.name"))
         elif kind == "workflow":

@@ -63,7 +63,10 @@ def _event_messages(ctx: SpanCtx, key: str) -> dict[str, Any]:
     return d
 
 
-def _kind(ctx: SpanCtx) -> str | None:
+def span_kind(ctx: SpanCtx) -> str | None:
+    """Kinds the GenAI operation name cannot give: Logfire OpenAI Agents message templates, v≤2 span names
+    (``agent run``, ``running tool``), run-span payload keys, and model spans known only by their payload (v1
+    ``events``, Logfire ``request_data``)."""
     span, a = ctx.span, ctx.attrs
     if span.scope.name == "logfire.openai_agents":
         template = str(a.get("logfire.msg_template") or span.name)
@@ -81,7 +84,6 @@ def _kind(ctx: SpanCtx) -> str | None:
 
 def extract_span(ctx: SpanCtx, view: SpanView) -> None:
     a = ctx.attrs
-    view.set("kind", _kind(ctx))
     kind = view.kind
     # The OpenAI Agents bridge exports raw span_data fields: `name`, `input`, `output` (semconv §1).
     agents = ctx.span.scope.name == "logfire.openai_agents"

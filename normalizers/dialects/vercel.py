@@ -79,17 +79,27 @@ def _prompt_text(prompt: Any) -> str | None:
     return last_text(genai_messages(p if isinstance(p, list) else prompt.get("messages"), "user"), "user")
 
 
+def _operation(ctx: SpanCtx) -> str:
+    return to_str(ctx.attrs.get("ai.operationId")) or str(ctx.attrs.get("operation.name", "")).partition(" ")[0]
+
+
+def span_kind(ctx: SpanCtx) -> str | None:
+    """``ai.operationId``: step ops -> llm, ``ai.toolCall`` -> tool, root ops -> agent, ``ai.embed*``."""
+    op = _operation(ctx)
+    if op in _LLM_OPS:
+        return "llm"
+    if op == "ai.toolCall":
+        return "tool"
+    if op in _ROOT_OPS:
+        return "agent"
+    if op.startswith("ai.embed"):
+        return "embedding"
+    return None
+
+
 def extract_span(ctx: SpanCtx, view: SpanView) -> None:
     a = ctx.attrs
-    op = to_str(a.get("ai.operationId")) or str(a.get("operation.name", "")).partition(" ")[0]
-    if op in _LLM_OPS:
-        view.set("kind", "llm")
-    elif op == "ai.toolCall":
-        view.set("kind", "tool")
-    elif op in _ROOT_OPS:
-        view.set("kind", "agent")
-    elif op.startswith("ai.embed"):
-        view.set("kind", "embedding")
+    op = _operation(ctx)
     kind = view.kind
     if kind == "llm":
         d = view.llm
