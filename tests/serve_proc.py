@@ -43,13 +43,17 @@ class ServeProcess:
     def start(self, timeout_s: float = 30.0) -> "ServeProcess":
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        since = log.tell()  # a restart on the same state dir appends: only this run's lines count
         self.proc = subprocess.Popen([str(_BIN), "serve", *self.args], stdout=log, stderr=log, env=self.env)
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"trace-source serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            for line in self.log_path.read_text(errors="replace").splitlines():
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                lines = f.read().decode(errors="replace").splitlines()
+            for line in lines:
                 if '"serving"' in line:
                     event = json.loads(line)
                     self.http_port, self.grpc_port = event["http_port"], event.get("grpc_port") or 0

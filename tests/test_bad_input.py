@@ -5,10 +5,12 @@ The bar (reference otlp-receiver.md §1.2-1.4, §2, §7): bad input gets a clear
 and encodings we cannot read -- and on gRPC INVALID_ARGUMENT / RESOURCE_EXHAUSTED. Never a 500, never
 UNKNOWN/INTERNAL, never a crash; memory stays bounded; the server keeps serving valid requests afterwards.
 
-Two module-scoped servers (embedded local log, no Kafka): ``srv`` with the default 64 MiB cap and ``small`` with a
-1 MiB cap (gRPC receive cap and HTTP boundary tests). Property tests (hypothesis) are each followed by
-:func:`assert_still_serving`; the deterministic regression tests below them name one case each so a failure is easy
-to read. Bombs are built by streaming compression of zero chunks; the plain data never exists in this process.
+Module-scoped ``serve`` processes (embedded local log, no Kafka): ``srv`` with the default limits (64 MiB cap) for
+almost everything, ``small`` with a 1 MiB cap (gRPC receive cap, HTTP cap boundaries), ``tight`` with a 1 MiB
+in-flight budget (refusals must not leak budget) and ``fresh`` for memory-amplification measurements. Property tests
+(hypothesis; ``BAD_INPUT_EXAMPLES`` sets the examples per test) are each followed by :func:`assert_still_serving`;
+the deterministic regression tests below them name one case each so a failure is easy to read. Bombs are built by
+streaming compression of zero chunks; the plain data never exists in this process. Peak RSS numbers are printed.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ import concurrent.futures
 import json
 import os
 import re
+import socket
 import string
 import struct
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import grpc
 import psutil
@@ -41,8 +43,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, TracesData
 
+from bench.payloads import make_genai_request
 from sinks.local_log import LocalLogReader
 from tests.serve_proc import ServeProcess
 
@@ -51,12 +56,14 @@ JSON = "application/json"
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 MiB = 1 << 20
 SMALL_CAP = MiB
-#: RSS growth allowed for the serve process across a bomb (or a whole property run), bytes. A memory bound.
+#: RSS growth allowed for the serve process across one bomb (peak and after), bytes. A memory bound, not a timing.
 RSS_BOUND = 200 * 10**6
+#: RSS growth allowed over a server's whole life in this module (allocator arenas keep some freed memory).
+LIFETIME_RSS_BOUND = 400 * 10**6
 #: Deepest AnyValue nesting on a span attribute that still decodes (upb's 100-message limit; the JSON decoder matches).
 DEEPEST_OK = {"kvlist": 31, "array": 47}
 #: Examples per property test (env ``BAD_INPUT_EXAMPLES`` to fuzz longer locally).
-EXAMPLES = int(os.environ.get("BAD_INPUT_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("BAD_INPUT_EXAMPLES", "200"))
 
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -79,7 +86,8 @@ class Server:
     reader: LocalLogReader
     ps: psutil.Process
     baseline_rss: int = 0
-    rss_log: list[str] = field(default_factory=list)
+    #: outcomes (HTTP status or gRPC code name) this server's tests cause on purpose, e.g. 503 from the budget
+    allowed: frozenset[str] = frozenset()
 
     @property
     def traces_url(self) -> str:
@@ -102,13 +110,13 @@ class Server:
         return self.ps.memory_info().rss
 
 
-def _start(tmp_path_factory, name: str, *args: str) -> Iterator[Server]:
+def _start(tmp_path_factory, name: str, *args: str, allowed: frozenset[str] = frozenset()) -> Iterator[Server]:
     proc = ServeProcess(tmp_path_factory.mktemp(name) / "state", "--no-local-log-fsync", *args).start()
     channel = grpc.insecure_channel(proc.grpc_target, options=[
         ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
     export = channel.unary_unary(EXPORT_METHOD, request_serializer=None, response_deserializer=None)
     server = Server(proc, requests.Session(), channel, export, LocalLogReader(proc.state_dir / "spans.db"),
-                    psutil.Process(proc.proc.pid))
+                    psutil.Process(proc.proc.pid), allowed=allowed)
     try:
         assert_still_serving(server)  # warm-up: every code path a valid request takes has run once
         server.baseline_rss = server.rss()
@@ -117,20 +125,34 @@ def _start(tmp_path_factory, name: str, *args: str) -> Iterator[Server]:
         server.reader.close()
         channel.close()
         server.http.close()
-        proc.stop()
+        exit_code = proc.stop()  # graceful SIGTERM shutdown after everything thrown at it
         proc.kill()
+    assert exit_code == 0, f"serve exited with {exit_code}:\n{proc.log_tail()}"
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory) -> Iterator[Server]:
     """``serve`` with default limits (64 MiB body cap, 256 MiB in-flight budget)."""
-    yield from _start(tmp_path_factory, "bad-input", )
+    yield from _start(tmp_path_factory, "bad-input")
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Iterator[Server]:
     """``serve`` with a 1 MiB body / gRPC receive cap."""
     yield from _start(tmp_path_factory, "bad-input-small", "--max-body-bytes", str(SMALL_CAP))
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Iterator[Server]:
+    """``serve`` with default limits used only for memory-amplification measurements (no earlier bombs' slack)."""
+    yield from _start(tmp_path_factory, "bad-input-fresh", "--max-record-bytes", str(64 * MiB))
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory) -> Iterator[Server]:
+    """``serve`` with the smallest in-flight budget (1 MiB), where refusals (503 / UNAVAILABLE) are expected."""
+    yield from _start(tmp_path_factory, "bad-input-tight", "--max-inflight-bytes", str(MiB),
+                      allowed=frozenset({"503", "UNAVAILABLE"}))
 
 
 # --- requests and expectations ----------------------------------------------------------------------------------
@@ -260,15 +282,24 @@ _REQUESTS_LINE = re.compile(r'^trace_source_requests_total\{(?P<labels>[^}]*)\} 
 _BAD_STATUSES = {"INTERNAL", "UNKNOWN", "UNAVAILABLE", "DATA_LOSS"}
 
 
-def bad_outcomes(metrics: str) -> dict[str, float]:
+def bad_outcomes(metrics: str, allowed: frozenset[str] = frozenset()) -> dict[str, float]:
     """Request counts that bad input must never cause: any HTTP 5xx, gRPC INTERNAL/UNKNOWN/UNAVAILABLE."""
     out = {}
     for m in _REQUESTS_LINE.finditer(metrics):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels")))
         status = labels.get("status", "")
+        if status in allowed:
+            continue
         if (status.startswith("5") or status in _BAD_STATUSES) and float(m.group("value")) > 0:
             out[m.group("labels")] = float(m.group("value"))
     return out
+
+
+def inflight_bytes(server: Server) -> float:
+    metrics = server.http.get(server.proc.http_url + "/metrics", timeout=10).text
+    found = re.search(r"^trace_source_inflight_bytes (\S+)$", metrics, re.M)
+    assert found, "no trace_source_inflight_bytes gauge"
+    return float(found.group(1))
 
 
 def assert_still_serving(server: Server) -> None:
@@ -280,14 +311,13 @@ def assert_still_serving(server: Server) -> None:
     code, result = server.grpc(valid_request().SerializeToString())
     assert code == grpc.StatusCode.OK, (code, result)
     metrics = server.http.get(server.proc.http_url + "/metrics", timeout=10).text
-    assert not bad_outcomes(metrics), bad_outcomes(metrics)
-    inflight = re.search(r"^trace_source_inflight_bytes (\S+)$", metrics, re.M)
-    assert inflight and float(inflight.group(1)) == 0, inflight
+    assert not bad_outcomes(metrics, server.allowed), bad_outcomes(metrics, server.allowed)
+    assert inflight_bytes(server) == 0
     errors = [line for line in server.proc.log_path.read_text(errors="replace").splitlines()
               if '"level": "error"' in line or '"level": "critical"' in line or "Traceback" in line]
     assert not errors, "\n".join(errors[:5])
     if server.baseline_rss:
-        assert server.rss() - server.baseline_rss < RSS_BOUND, (server.rss(), server.baseline_rss)
+        assert server.rss() - server.baseline_rss < LIFETIME_RSS_BOUND, (server.rss(), server.baseline_rss)
 
 
 # --- builders ---------------------------------------------------------------------------------------------------
@@ -528,6 +558,127 @@ def test_property_bit_flips_in_protobuf(srv: Server) -> None:
         for bit in data.draw(st.lists(st.integers(0, len(body) * 8 - 1), min_size=1, max_size=8)):
             body[bit // 8] ^= 1 << (bit % 8)
         expect_verdict(srv, bytes(body))
+
+    run()
+    assert_still_serving(srv)
+
+
+@st.composite
+def unknown_fields(draw) -> bytes:
+    """One field the schema does not know (number >= 5), of any wire type, groups included."""
+    num = draw(st.integers(5, 3000))
+    wire_type = draw(st.sampled_from([0, 1, 2, 3, 5]))
+
+    def tag(wt: int) -> bytes:
+        return draw(tag_bytes(num << 3 | wt))
+
+    if wire_type == 0:
+        return tag(0) + varint(draw(st.integers(0, 2**64 - 1)))
+    if wire_type == 1:
+        return tag(1) + draw(st.binary(min_size=8, max_size=8))
+    if wire_type == 5:
+        return tag(5) + draw(st.binary(min_size=4, max_size=4))
+    if wire_type == 2:
+        return tag(2) + draw(length_prefixed(draw(st.binary(max_size=16))))
+    return tag(3) + b"\x38" + varint(draw(st.integers(0, 300))) + tag(4)  # a group holding field 7 (varint)
+
+
+def tag_bytes(value: int) -> st.SearchStrategy[bytes]:
+    """A tag or length varint, sometimes over-long (non-minimal encodings are valid protobuf)."""
+    return st.integers(0, 2).map(lambda extra: overlong_varint(value, extra))
+
+
+def overlong_varint(value: int, extra: int) -> bytes:
+    out = bytearray(varint(value))
+    if extra:
+        out[-1] |= 0x80
+        out += b"\x80" * (extra - 1) + b"\x00"
+    return bytes(out)
+
+
+def length_prefixed(payload: bytes) -> st.SearchStrategy[bytes]:
+    return tag_bytes(len(payload)).map(lambda prefix: prefix + payload)
+
+
+@st.composite
+def wire_message(draw, known: list[tuple[int, bytes]]) -> bytes:
+    """Length-delimited ``known`` (field number, payload) fields plus unknown ones, in any order, odd encodings."""
+    fields = [draw(tag_bytes(num << 3 | 2)) + draw(length_prefixed(payload)) for num, payload in known]
+    fields += draw(st.lists(unknown_fields(), max_size=2))
+    return b"".join(draw(st.permutations(fields)))
+
+
+@st.composite
+def odd_wire_requests(draw) -> bytes:
+    """Valid ExportTraceServiceRequest bytes that a canonical encoder would never write: fields out of order,
+    repeated resource/scope fields (merged by parsers), unknown fields of every wire type at the three outer levels,
+    over-long tags and lengths, empty resources and scopes, spans of several traces interleaved, invalid ids."""
+    valid_tids = draw(st.lists(trace_ids, min_size=1, max_size=3))
+    tids = valid_tids * 3 + [b"", bytes(16), b"\x01" * 15]
+    resources = []
+    for _ in range(draw(st.integers(0, 3))):
+        scopes = []
+        for _ in range(draw(st.integers(0, 3))):
+            known = []
+            if draw(st.booleans()):
+                known.append((1, InstrumentationScope(name=draw(short_text)).SerializeToString()))
+            for _ in range(draw(st.integers(0, 4))):
+                span = Span(trace_id=draw(st.sampled_from(tids)),
+                            span_id=draw(st.one_of(span_ids, span_ids, odd_ids(8))), name=draw(short_text))
+                known.append((2, span.SerializeToString()))
+            if draw(st.booleans()):
+                known.append((3, draw(short_text).encode()))
+            scopes.append(draw(wire_message(known)))
+        known = [(2, scope) for scope in scopes]
+        for _ in range(draw(st.integers(0, 2))):  # 2 = the resource field given twice: parsers merge them
+            resource = Resource()
+            resource.attributes.add(key=draw(short_text)).value.string_value = draw(short_text)
+            known.append((1, resource.SerializeToString()))
+        if draw(st.booleans()):
+            known.append((3, draw(short_text).encode()))
+        resources.append(draw(wire_message(known)))
+    return draw(wire_message([(1, r) for r in resources]))
+
+
+def landed_spans(server: Server, after: int) -> list[bytes]:
+    """(resource, resource schema_url, scope, scope schema_url, span) of every span written after ``after``."""
+    out = []
+    for rec in server.reader.read(after, 100_000):
+        data = TracesData.FromString(rec.value)
+        data.DiscardUnknownFields()
+        out.extend(triples(data))
+    return sorted(out)
+
+
+def triples(data) -> list[bytes]:
+    return [b"|".join((rs.resource.SerializeToString(deterministic=True), rs.schema_url.encode(),
+                       ss.scope.SerializeToString(deterministic=True), ss.schema_url.encode(),
+                       sp.SerializeToString(deterministic=True)))
+            for rs in data.resource_spans for ss in rs.scope_spans for sp in ss.spans if not is_invalid(sp)]
+
+
+def test_property_odd_wire_encodings_land_exactly(srv: Server) -> None:
+    """Valid but non-canonical protobuf: the receiver (which slices spans out of the wire bytes) must land exactly
+    the valid spans, each under its own resource and scope, and count exactly the invalid ones."""
+
+    @PROPERTY
+    @given(body=odd_wire_requests(), use_grpc=st.booleans())
+    def run(body: bytes, use_grpc: bool) -> None:
+        try:
+            reference = ExportTraceServiceRequest.FromString(body)
+        except Exception:  # noqa: BLE001 - e.g. a parser that refuses some over-long varint: then it is bad data
+            expect_verdict(srv, body)
+            return
+        reference.DiscardUnknownFields()
+        rejected = sum(map(is_invalid, spans_of(reference)))
+        before = srv.reader.last_offset()
+        if use_grpc:
+            code, result = srv.grpc(body)
+            assert code == grpc.StatusCode.OK, (code, result)
+            check_partial(ExportTraceServiceResponse.FromString(result), rejected)
+        else:
+            check_partial(export_response(srv.post(body), PROTOBUF), rejected)
+        assert landed_spans(srv, before) == sorted(triples(reference))
 
     run()
     assert_still_serving(srv)
@@ -1028,3 +1179,104 @@ def test_grpc_random_bytes_are_invalid_argument(srv: Server) -> None:
     for body in (b"\xff" * 64, b"\x0a\x05abc", b"\x08", bytes(range(256))):
         expect_invalid_argument(*srv.grpc(body))
     assert_still_serving(srv)
+
+
+# --- regression: the in-flight budget on a refusal -------------------------------------------------------------
+
+
+def test_refused_request_does_not_leak_inflight_budget(tight: Server) -> None:
+    """A slow client holds most of the 1 MiB budget; requests refused meanwhile (503 / UNAVAILABLE) must not give
+    back bytes they never reserved, or the budget drifts negative and stops bounding memory."""
+    slow_body = padded_request(400 * 1024)
+    head = (b"POST /v1/traces HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-protobuf\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(slow_body))
+    with socket.create_connection(("127.0.0.1", tight.proc.http_port), timeout=30) as slow:
+        slow.sendall(head + slow_body[:1000])
+        deadline = time.monotonic() + 10
+        while inflight_bytes(tight) != len(slow_body):  # the handler has reserved the declared length
+            assert time.monotonic() < deadline, inflight_bytes(tight)
+            time.sleep(0.01)
+        other = padded_request(700 * 1024)
+        resp = tight.post(other)
+        assert resp.status_code == 503 and resp.headers["Retry-After"], (resp.status_code, resp.content[:200])
+        code, result = tight.grpc(other)
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, result)
+        assert inflight_bytes(tight) == len(slow_body)  # the refusals changed nothing
+        slow.sendall(slow_body[1000:])
+        reply = b""
+        while chunk := slow.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert inflight_bytes(tight) == 0
+    assert_still_serving(tight)
+
+
+# --- memory amplification: decoded size vs. decoded objects ----------------------------------------------------
+
+#: Peak RSS growth allowed per decoded body byte (plus a fixed slack). Real exports cost about 5-6x their size to
+#: decode, split and answer (measured: 15 MiB protobuf +82 MiB, 23 MiB JSON +137 MiB).
+AMPLIFICATION = 10
+AMPLIFICATION_SLACK = 32 * MiB
+
+
+def _amplification(server: Server, plain: bytes, media: str, what: str, capsys) -> None:
+    body = zlib.compress(plain, 1, wbits=31)  # tiny on the wire: that is what makes this an attack
+    with PeakRss(server.ps) as rss:
+        resp = server.post(body, media, **{"Content-Encoding": "gzip"})
+    with capsys.disabled():
+        print(f"\n{rss.report(f'{what}: {len(body) / 1024:.0f} KiB gzip -> {len(plain) / MiB:.0f} MiB')} "
+              f"-> {resp.status_code}")
+    assert resp.status_code in (200, 400, 413), (resp.status_code, resp.content[:300])
+    bound = AMPLIFICATION * len(plain) + AMPLIFICATION_SLACK
+    assert rss.peak - rss.before < bound, rss.report(f"over {bound / MiB:.0f} MiB")
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("media", [PROTOBUF, JSON])
+def test_real_export_decodes_within_amplification_bound(fresh: Server, media: str, capsys) -> None:
+    """Control for the test below: a realistic 8 MiB export stays well inside the bound."""
+    one = make_genai_request(512, 16, seed=7)
+    req = ExportTraceServiceRequest()
+    while req.ByteSize() < 8 * MiB:
+        req.MergeFrom(one)
+    plain = req.SerializeToString() if media == PROTOBUF else to_json(req)
+    _amplification(fresh, plain, media, f"real {media}", capsys)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "receiver bug: the 64 MiB body cap counts bytes, not decoded objects. Many tiny messages cost 25-150x their "
+    "size: JSON '{},'*N (json.loads dicts) 12 MiB -> +324 MiB; protobuf '0a00'*N (empty ResourceSpans: upb arena "
+    "~32x, plus receiver.split's per-resource Python objects) 4 MiB -> +507 MiB; empty spans 2 MiB -> +297 MiB. "
+    "At the cap that is several GB from a ~100 KiB gzip request. Needs an item-count/density limit before parsing "
+    "(or a smaller JSON cap); remove this marker when it lands."))
+@pytest.mark.parametrize(("what", "media", "plain"), [
+    ("json empty objects", JSON, b'{"x":[' + b"{}," * (4 * MiB) + b"{}]}"),                 # 12 MiB
+    ("protobuf empty resource_spans", PROTOBUF, b"\x0a\x00" * (2 * MiB)),                  # 4 MiB
+    ("protobuf empty spans", PROTOBUF, b"\x0a\x04\x12\x02\x12\x00" * (MiB // 3)),       # 2 MiB
+])
+def test_many_tiny_messages_decode_within_amplification_bound(fresh: Server, what: str, media: str, plain: bytes,
+                                                              capsys) -> None:
+    _amplification(fresh, plain, media, what, capsys)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "receiver bug: ExportService.export runs split_traces on the event loop, ~2-3 us per ResourceSpans/ScopeSpans/"
+    "span, so 16 MiB of '0a00' (16 KiB gzip) blocks HTTP and gRPC for ~22 s (~90 s at the 64 MiB cap). Needs the "
+    "item limit above, or split offloaded like the JSON parse; remove this marker when it lands."))
+def test_many_tiny_messages_do_not_stall_other_requests(fresh: Server) -> None:
+    attack = zlib.compress(b"\x0a\x00" * (2 * MiB), 9, wbits=31)  # 4 MiB of empty ResourceSpans, 4 KiB on the wire
+
+    def send_attack() -> int:
+        with requests.Session() as session:
+            return session.post(fresh.traces_url, data=attack, timeout=120,
+                                headers={"Content-Type": PROTOBUF, "Content-Encoding": "gzip"}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        attacking = pool.submit(send_attack)
+        time.sleep(0.5)  # decoded and being split by now (the split alone takes seconds)
+        t0 = time.monotonic()
+        resp = fresh.post(VALID_PB)
+        latency = time.monotonic() - t0
+        assert attacking.result() in (200, 400, 413)
+    check_partial(export_response(resp, PROTOBUF), 0)
+    assert latency < 1.0, f"a valid request waited {latency:.1f}s behind one 4 KiB request"
