@@ -1,0 +1,285 @@
+"""A small local OpenAI-compatible chat model for the dialect tests (``tests/test_dialects_real.py``).
+
+Serves ``POST /v1/chat/completions`` (plain JSON and ``stream: true`` server-sent events) on ``127.0.0.1`` at a free
+port, from a thread, so the real OpenAI clients (Python ``openai``, the Vercel AI SDK's ``@ai-sdk/openai``, Pydantic
+AI's OpenAI model) and the instrumentation wrapped around them can run a complete tool-using agent turn offline.
+
+The answer is decided from the request alone (no hidden per-client state, so concurrent agents do not disturb each
+other):
+
+* model name containing ``"error"`` -> HTTP 500 with an OpenAI-style error body (:data:`ERROR_MESSAGE`);
+* the conversation already holds a tool result (a ``role: tool`` message) -> the final text answer
+  (:data:`FINAL_ANSWER`, ``finish_reason: stop``, usage :data:`FINAL_USAGE`);
+* tools are offered -> one call of :data:`TOOL_NAME` with :data:`TOOL_ARGUMENTS` (``finish_reason: tool_calls``,
+  usage :data:`TOOL_CALL_USAGE`);
+* otherwise -> the final text answer.
+
+Every request is kept in :attr:`FakeLLM.requests` (path, model, stream flag, decoded body, status returned), so a
+test can check what the client really sent, e.g. that the tool result went back to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+TASK = "What's the weather in Paris?"
+TOOL_NAME = "get_weather"
+TOOL_ARGUMENTS = {"city": "Paris"}
+TOOL_CALL_ID = "call_weather_paris_1"
+TOOL_RESULT = "sunny, 22C"
+FINAL_ANSWER = "It is sunny and 22C in Paris."
+ERROR_MESSAGE = "fake upstream failure: the model is overloaded"
+ERROR_STATUS = 500
+
+#: (prompt_tokens, completion_tokens) of the first response (the tool call) and of the final answer.
+TOOL_CALL_USAGE = (42, 17)
+FINAL_USAGE = (58, 9)
+
+#: OpenAI "tools" definition of the weather tool, for clients that take raw JSON schemas.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": TOOL_NAME,
+        "description": "Current weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "City name"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@dataclass
+class SeenRequest:
+    path: str
+    model: str | None
+    stream: bool
+    body: dict[str, Any]
+    status: int
+    kind: str = ""  # "tool_call", "final", "error", "bad-request"
+
+
+@dataclass
+class _Reply:
+    kind: str
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str = "stop"
+    usage: tuple[int, int] = (0, 0)
+
+
+def _has_tool_result(messages: list[dict[str, Any]]) -> bool:
+    return any(isinstance(m, dict) and m.get("role") == "tool" for m in messages)
+
+
+def decide(body: dict[str, Any]) -> _Reply | None:
+    """The scripted reply for one chat-completions request body; ``None`` means "fail with HTTP 500"."""
+    model = str(body.get("model") or "")
+    if "error" in model:
+        return None
+    messages = body.get("messages") or []
+    if not _has_tool_result(messages) and body.get("tools"):
+        return _Reply(
+            kind="tool_call",
+            tool_calls=[{
+                "id": TOOL_CALL_ID,
+                "type": "function",
+                "function": {"name": TOOL_NAME, "arguments": json.dumps(TOOL_ARGUMENTS)},
+            }],
+            finish_reason="tool_calls",
+            usage=TOOL_CALL_USAGE,
+        )
+    return _Reply(kind="final", content=FINAL_ANSWER, finish_reason="stop", usage=FINAL_USAGE)
+
+
+def _usage(usage: tuple[int, int]) -> dict[str, Any]:
+    prompt, completion = usage
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+    }
+
+
+class FakeLLM:
+    """The fake server. ``with FakeLLM() as llm: llm.base_url`` -> ``http://127.0.0.1:<port>/v1``."""
+
+    def __init__(self) -> None:
+        self.requests: list[SeenRequest] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._counter = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "FakeLLM is not started"
+        return self._server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-style base URL, including ``/v1``."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "FakeLLM":
+        owner = self
+
+        class Handler(_Handler):
+            fake = owner
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-llm", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self) -> "FakeLLM":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+
+    def _record(self, seen: SeenRequest) -> None:
+        with self._lock:
+            self.requests.append(seen)
+
+    def _next_id(self) -> str:
+        with self._lock:
+            self._counter += 1
+            return f"chatcmpl-fake{self._counter:04d}"
+
+    def seen(self, *, model: str | None = None) -> list[SeenRequest]:
+        with self._lock:
+            return [r for r in self.requests if model is None or r.model == model]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeLLM
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet server
+        pass
+
+    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status >= 500:
+            # Keep clients from waiting out a retry delay; they still retry as configured.
+            self.send_header("Retry-After", "0")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.rstrip("/") in ("/v1/models", "/models"):
+            self._send_json(200, {"object": "list", "data": []})
+        else:
+            self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        path = self.path.split("?", 1)[0]
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            self.fake._record(SeenRequest(path, None, False, {}, 400, "bad-request"))
+            self._send_json(400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}})
+            return
+        if path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+            self.fake._record(SeenRequest(path, body.get("model"), False, body, 404, "bad-request"))
+            self._send_json(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
+            return
+        model = str(body.get("model") or "")
+        stream = bool(body.get("stream"))
+        reply = decide(body)
+        if reply is None:
+            self.fake._record(SeenRequest(path, model, stream, body, ERROR_STATUS, "error"))
+            self._send_json(ERROR_STATUS, {"error": {"message": ERROR_MESSAGE, "type": "server_error",
+                                                     "param": None, "code": "fake_overloaded"}})
+            return
+        self.fake._record(SeenRequest(path, model, stream, body, 200, reply.kind))
+        completion_id = self.fake._next_id()
+        created = int(time.time())
+        if stream:
+            self._stream(completion_id, created, model, reply, body)
+        else:
+            message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
+            if reply.tool_calls:
+                message["tool_calls"] = reply.tool_calls
+            self._send_json(200, {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": reply.finish_reason}],
+                "usage": _usage(reply.usage),
+            })
+
+    def _stream(self, completion_id: str, created: int, model: str, reply: _Reply, body: dict[str, Any]) -> None:
+        def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None,
+                  choices: bool = True) -> bytes:
+            payload: dict[str, Any] = {
+                "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+            }
+            if usage is not None or not choices:
+                payload["usage"] = usage
+            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+        events = [chunk({"role": "assistant", "content": "" if reply.content is not None else None,
+                         "refusal": None})]
+        if reply.content is not None:
+            words = reply.content.split(" ")
+            for i, word in enumerate(words):
+                events.append(chunk({"content": word + (" " if i < len(words) - 1 else "")}))
+        for index, call in enumerate(reply.tool_calls):
+            args = call["function"]["arguments"]
+            half = len(args) // 2
+            events.append(chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                                  "function": {"name": call["function"]["name"],
+                                                               "arguments": ""}}]}))
+            events.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": args[:half]}}]}))
+            events.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": args[half:]}}]}))
+        events.append(chunk({}, finish=reply.finish_reason))
+        # OpenAI sends the usage chunk (empty choices) only with stream_options.include_usage; so does this.
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(chunk({}, usage=_usage(reply.usage), choices=False))
+        events.append(b"data: [DONE]\n\n")
+
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        for event in events:
+            self.wfile.write(event)
+            self.wfile.flush()
