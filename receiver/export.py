@@ -17,7 +17,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from receiver.backpressure import InflightBudget
 from receiver.errors import BadRequest, RecordRefused
 from receiver.metrics import ReceiverMetrics
-from receiver.split import SplitResult, split_logs, split_traces
+from receiver.split import ScanError, SplitResult, Wire, item_budget, scan, split_logs, split_traces
 from sinks.base import SIGNAL_LOGS, SIGNAL_TRACES, Batch, RecordTooLarge, Sink, SinkUnavailable
 
 log = structlog.get_logger(__name__)
@@ -41,15 +41,22 @@ class ExportOutcome:
 
 
 def parse_protobuf(signal: str, body: bytes):
-    """Decode an OTLP protobuf export request (``bytes``) with the upb backend.
+    """Decode an OTLP protobuf export request (``bytes``); returns ``(message, wire)`` for :meth:`ExportService.export`.
 
-    Raises :class:`receiver.errors.BadRequest` on undecodable bytes (including nesting past protobuf's recursion
-    limit), as the OTLP spec requires a 400 / INVALID_ARGUMENT for bad data.
+    The outer levels are walked first (:func:`receiver.split.scan`), so a request with more resources, scopes and
+    items than its size allows is refused before the upb parse could allocate for them. Raises
+    :class:`receiver.errors.BadRequest` on undecodable bytes (including nesting past protobuf's recursion limit) or
+    too many items, as the OTLP spec requires a 400 / INVALID_ARGUMENT for bad data.
     """
     try:
-        return REQUEST_TYPES[signal].FromString(body)
+        wire = scan(body, item_budget(len(body)))
+    except (ScanError, IndexError):
+        wire = None  # not protobuf at the outer levels: the parse below says what is wrong
+    try:
+        message = REQUEST_TYPES[signal].FromString(body)
     except (DecodeError, RecursionError, ValueError) as exc:
         raise BadRequest(f"cannot decode {REQUEST_TYPES[signal].DESCRIPTOR.name} protobuf: {exc}") from None
+    return message, wire
 
 
 class ExportService:
@@ -79,15 +86,15 @@ class ExportService:
         self.budget.release(n)
 
     async def export(self, signal: str, request, source_id: str, received_at_ns: int,
-                     raw_body: bytes | None = None, transport: str = "otlp-http") -> ExportOutcome:
+                     wire: Wire | None = None, transport: str = "otlp-http") -> ExportOutcome:
         """Split ``request`` by trace id and write it; return once durable.
 
-        ``raw_body``: the decompressed protobuf bytes when the request arrived as protobuf (lets a single-trace
-        request pass through without re-encoding). ``transport``: ``otlp-http`` or ``otlp-grpc``, recorded with
+        ``wire``: from :func:`parse_protobuf` when the request arrived as protobuf (spans are then sliced out of
+        the received bytes instead of re-encoded). ``transport``: ``otlp-http`` or ``otlp-grpc``, recorded with
         the data. Raises :class:`sinks.base.SinkUnavailable` when the sink cannot
         take the data now (the client must retry); nothing is acknowledged in that case.
         """
-        split: SplitResult = _SPLITTERS[signal](request, self.max_record_bytes, raw_body)
+        split: SplitResult = _SPLITTERS[signal](request, self.max_record_bytes, wire)
         if split.rejected:
             self.metrics.items_rejected.labels(signal).inc(split.rejected)
         if split.records:

@@ -101,8 +101,8 @@ class GrpcReceiver:
         try:
             self.service.reserve(len(raw))  # raises when refused: nothing reserved, nothing to release
             reserved = len(raw)
-            message = parse_protobuf(signal, raw)
-            outcome = await self.service.export(signal, message, source_id, received_at_ns, raw, "otlp-grpc")
+            message, wire = parse_protobuf(signal, raw)
+            outcome = await self.service.export(signal, message, source_id, received_at_ns, wire, "otlp-grpc")
         except SinkUnavailable as exc:
             log.warning("export refused, client should retry", request_id=request_id, reason=str(exc))
             detail = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=exc.retry_after_s))

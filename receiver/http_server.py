@@ -150,12 +150,11 @@ class HttpReceiver:
             self.service.reserve(extra, held=reserved)
             reserved += extra
             self.metrics.decoded_bytes.labels("http").inc(len(body))
+            wire = None
             if not body:  # an empty request is a success with nothing to write (OTLP: empty envelopes)
                 message = REQUEST_TYPES[signal]()
-                passthrough = None
             elif media is PROTOBUF:
-                message = parse_protobuf(signal, body)
-                passthrough = body
+                message, wire = parse_protobuf(signal, body)
             else:
                 parse = functools.partial(parse_json_request, body, REQUEST_TYPES[signal])
                 if len(body) > _OFFLOAD_BYTES:
@@ -163,8 +162,7 @@ class HttpReceiver:
                         message = await asyncio.to_thread(parse)
                 else:
                     message = parse()
-                passthrough = None
-            outcome = await self.service.export(signal, message, source_id, received_at_ns, passthrough)
+            outcome = await self.service.export(signal, message, source_id, received_at_ns, wire)
             return self._reply(signal, 200, export_response_body(signal, outcome.rejected, outcome.error_message,
                                                                  reply_type), reply_type, request_id)
         except SinkUnavailable as exc:

@@ -49,6 +49,17 @@ _ID_PATHS: dict[str, tuple[_Node, ...]] = {
 }
 
 
+def max_containers(body_len: int) -> int:
+    """Most JSON objects + arrays a body of ``body_len`` bytes may hold.
+
+    The smallest real OTLP/JSON attribute, ``{"key":"a","value":{"intValue":1}}``, is 34 bytes for 2 objects;
+    ``{},`` repeated is 3 bytes per object but costs ~100 bytes each once ``json.loads`` builds it, so a dense body
+    under the size cap could still take gigabytes. One container per 12 bytes (plus an allowance) admits the
+    former and refuses the latter. Braces inside strings count too, which only makes the bound looser.
+    """
+    return 1024 + body_len // 12
+
+
 def parse_json_request(body: bytes, message_type: type[M]) -> M:
     """Parse an OTLP/JSON request body into a new protobuf message.
 
@@ -69,9 +80,14 @@ def parse_json_request(body: bytes, message_type: type[M]) -> M:
     Raises:
         BadRequest: for every defect of the input: invalid UTF-8, JSON syntax, a non-object top level, an id that
             is not a hex string (``.field`` holds its path, e.g. ``resourceSpans[0].scopeSpans[1].spans[3].traceId``),
-            wrong value types, out-of-range numbers, nesting deeper than ``MAX_MESSAGE_DEPTH`` messages.
+            wrong value types, out-of-range numbers, nesting deeper than ``MAX_MESSAGE_DEPTH`` messages, more
+            objects and arrays than the body's size allows (see ``max_containers``).
             No other exception type escapes for any ``body``.
     """
+    containers = body.count(b"{") + body.count(b"[")  # C-speed upper bound, before json.loads allocates them
+    if containers > max_containers(len(body)):
+        raise BadRequest(f"request holds {containers} JSON objects/arrays in {len(body)} bytes (at most one per "
+                         f"12 bytes is accepted); split it into smaller requests")
     try:
         text = str(body, "utf-8")
     except UnicodeDecodeError as exc:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from receiver.errors import BadRequest
 from sinks.base import SIGNAL_LOGS, SIGNAL_TRACES, Record
 
 _ZERO_TRACE_ID = bytes(16)
@@ -60,11 +61,11 @@ def _len_prefix(n: int) -> bytes:
     return _SMALL_VARINTS[n] if n < 16384 else _varint(n)
 
 
-class _Malformed(Exception):
+class ScanError(Exception):
     """The outer levels are not the expected wire shape (should not happen after a successful parse)."""
 
 
-def _fields(buf: bytes, start: int, end: int):
+def _fields(buf: bytes, start: int, end: int, flat: bool = False):
     """Walk protobuf fields in ``buf[start:end]``; yield (tag, field_start, value_start, value_end).
 
     ``field_start`` is where the tag begins, so ``buf[field_start:value_end]`` is the whole field as encoded.
@@ -108,11 +109,35 @@ def _fields(buf: bytes, start: int, end: int):
             value_start, i = i, i + 8
         elif wire_type == 5:
             value_start, i = i, i + 4
+        elif wire_type == 4:  # end-group: ends the group being skipped by _skip_group
+            value_start = i
+        elif wire_type == 3:  # deprecated group (only in unknown fields): skip to its end-group tag
+            value_start = i
+            if not flat:
+                i = _skip_group(buf, i, end, tag >> 3)
         else:
-            raise _Malformed(f"unexpected wire type {wire_type}")
+            raise ScanError(f"unexpected wire type {wire_type}")
         if i > end:
-            raise _Malformed("field runs past its message")
+            raise ScanError("field runs past its message")
         yield tag, field_start, value_start, i
+
+
+def _skip_group(buf: bytes, i: int, end: int, field_number: int) -> int:
+    """Index just past the end-group tag matching ``field_number``.
+
+    Groups nest; a stack instead of recursion keeps a hostile 100k-deep nesting from exhausting the Python stack.
+    """
+    open_groups = [field_number]
+    for tag, _, _, after in _fields(buf, i, end, flat=True):
+        wire_type = tag & 7
+        if wire_type == 3:
+            open_groups.append(tag >> 3)
+        elif wire_type == 4:
+            if open_groups.pop() != tag >> 3:
+                raise ScanError("mismatched end-group tag")
+            if not open_groups:
+                return after
+    raise ScanError("unterminated group")
 
 
 @dataclass(slots=True)
@@ -127,7 +152,40 @@ class _Resource:
     scopes: list
 
 
-def _scan(buf: bytes, mv: memoryview) -> list[_Resource]:
+class TooManyItems(BadRequest):
+    """More resources, scopes and items than the body's size allows (see :func:`scan`): HTTP 400."""
+
+
+class Wire:
+    """Where each resource, scope and item field of a serialized request sits: the result of :func:`scan`."""
+
+    __slots__ = ("buf", "mv", "resources")
+
+    def __init__(self, buf: bytes, resources: list[_Resource]) -> None:
+        self.buf, self.mv, self.resources = buf, memoryview(buf), resources
+
+
+def item_budget(body_len: int) -> int:
+    """Most resources + scopes + items a body of ``body_len`` bytes may hold.
+
+    A real span is at least ~30 bytes (two ids alone take 28) and usually hundreds; a real log record tens of
+    bytes. One item per 24 bytes, plus a small allowance, admits every realistic request while bounding what
+    decoding costs: an empty ``ResourceSpans`` is 2 bytes on the wire but over a hundred bytes once decoded, so
+    a 64 MiB body of them would take gigabytes of memory and seconds of CPU.
+    """
+    return 1024 + body_len // 24
+
+
+def scan(buf: bytes, max_items: int | None = None) -> Wire:
+    """Walk the three outer levels of a serialized export request (``bytes``) and return their layout.
+
+    Raises :class:`TooManyItems` as soon as more than ``max_items`` resources, scopes and items are seen, so a
+    pathological request is refused before anything is decoded. Raises ``ScanError`` or ``IndexError`` for
+    bytes that are not well-formed protobuf at these levels (the full parse then reports the real error).
+    """
+    limit = max_items if max_items is not None else 1 << 62
+    count = 0
+    mv = memoryview(buf)
     resources: list[_Resource] = []
     for tag, _, rs_start, rs_end in _fields(buf, 0, len(buf)):
         if tag != _TAG_1:
@@ -145,8 +203,16 @@ def _scan(buf: bytes, mv: memoryview) -> list[_Resource]:
                 else:
                     scope.header.append(mv[f3:e3])
             res.scopes.append(scope)
+            count += len(items) + 1
+            if count > limit:
+                break
         resources.append(res)
-    return resources
+        count += 1
+        if count > limit:
+            raise TooManyItems(
+                f"request holds more than {limit} resources, scopes and items in {len(buf)} bytes "
+                f"(at most one per 24 bytes is accepted); split it into smaller requests")
+    return Wire(buf, resources)
 
 
 @dataclass(slots=True)
@@ -271,7 +337,7 @@ def _group(request: Any, sig: _Signal, wire: list[_Resource],
                 continue
             ranges = wire[ri].scopes[si].items
             if len(ranges) != len(items):
-                raise _Malformed("item count differs between parse and wire walk")
+                raise ScanError("item count differs between parse and wire walk")
             keys = keys_of(items, f"{sig.resources}[{ri}].{sig.scopes}[{si}].{sig.items}", rej)
             for key, (start, end) in zip(keys, ranges):
                 if key is None:
@@ -341,23 +407,24 @@ def _cut(buf: bytes, mv: memoryview, wire: list[_Resource], key: bytes | None, p
     return records, rejected
 
 
-def _run(request: Any, sig: _Signal, max_record_bytes: int, raw_body: bytes | None) -> SplitResult:
-    buf = raw_body if raw_body is not None else request.SerializeToString()
+def _walk(request: Any, sig: _Signal, wire: Wire | None):
+    if wire is None:
+        wire = scan(request.SerializeToString())
+    rej = _Rejections()
+    groups, accepted = _group(request, sig, wire.resources, rej)
+    return wire, rej, groups, accepted
+
+
+def _run(request: Any, sig: _Signal, max_record_bytes: int, wire: Wire | None) -> SplitResult:
     try:
-        mv = memoryview(buf)
-        wire = _scan(buf, mv)
-        rej = _Rejections()
-        groups, accepted = _group(request, sig, wire, rej)
-    except (_Malformed, IndexError):
-        # Wire shapes upb accepts but the walk does not (e.g. deprecated group-encoded unknown fields): drop
-        # unknown fields and walk upb's canonical re-encoding instead. Rare, so the extra encode does not matter.
-        request = type(request).FromString(buf)
+        wire, rej, groups, accepted = _walk(request, sig, wire)
+    except (ScanError, IndexError):
+        # Cannot happen for bytes upb parsed (the walk accepts every wire type upb does), but stay correct anyway:
+        # walk upb's own canonical re-encoding, without unknown fields.
+        request = type(request).FromString(request.SerializeToString())
         request.DiscardUnknownFields()
-        buf = request.SerializeToString()
-        mv = memoryview(buf)
-        wire = _scan(buf, mv)
-        rej = _Rejections()
-        groups, accepted = _group(request, sig, wire, rej)
+        wire, rej, groups, accepted = _walk(request, sig, None)
+    buf, mv, resources = wire.buf, wire.mv, wire.resources
     if len(groups) == 1 and not rej.count and len(buf) <= max_record_bytes:
         # One trace, nothing rejected: the request body already is the per-trace TracesData/LogsData.
         ((tid, _),) = groups.items()
@@ -365,32 +432,32 @@ def _run(request: Any, sig: _Signal, max_record_bytes: int, raw_body: bytes | No
     records: list[Record] = []
     for tid, pieces in groups.items():
         key = tid.hex().encode() if tid else None
-        value = _encode(mv, wire, pieces)
+        value = _encode(mv, resources, pieces)
         if len(value) <= max_record_bytes:
             records.append(Record(key, value, sig.signal, sum(p.count for p in pieces)))
             continue
         # Too big for one record: cut between items (same key, so the records stay on one partition, in order).
-        cut, too_big = _cut(buf, mv, wire, key, pieces, sig, max_record_bytes, rej)
+        cut, too_big = _cut(buf, mv, resources, key, pieces, sig, max_record_bytes, rej)
         records.extend(cut)
         accepted -= too_big
     return SplitResult(records, accepted, rej.count, rej.message(sig.item_noun))
 
 
-def split_traces(request: Any, max_record_bytes: int, raw_body: bytes | None = None) -> SplitResult:
+def split_traces(request: Any, max_record_bytes: int, wire: Wire | None = None) -> SplitResult:
     """Group an ``ExportTraceServiceRequest``'s spans by trace id into ``TracesData`` records.
 
-    ``request``: the parsed request (ids are validated from it). ``raw_body``: its protobuf bytes when available
-    (else the request is serialized once). ``max_record_bytes``: largest value to emit; bigger per-trace batches are
+    ``request``: the parsed request (ids are validated from it). ``wire``: :func:`scan` of its protobuf bytes when
+    the request arrived as protobuf (else the request is serialized and scanned once). ``max_record_bytes``: largest value to emit; bigger per-trace batches are
     cut between spans into several records with the same key; a single span above it is rejected (counted in
     ``rejected``), never silently dropped. Records come out in first-seen trace order.
     """
-    return _run(request, _TRACES, max_record_bytes, raw_body)
+    return _run(request, _TRACES, max_record_bytes, wire)
 
 
-def split_logs(request: Any, max_record_bytes: int, raw_body: bytes | None = None) -> SplitResult:
+def split_logs(request: Any, max_record_bytes: int, wire: Wire | None = None) -> SplitResult:
     """Group an ``ExportLogsServiceRequest``'s log records by trace id into ``LogsData`` records.
 
     Log records without a trace id are kept together in one record whose key is ``None``. Otherwise as
     :func:`split_traces`.
     """
-    return _run(request, _LOGS, max_record_bytes, raw_body)
+    return _run(request, _LOGS, max_record_bytes, wire)

@@ -3,13 +3,15 @@
 import os
 import random
 
+import pytest
+
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.logs.v1.logs_pb2 import LogsData
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 
 from bench.payloads import make_genai_request
-from receiver.split import split_logs, split_traces
+from receiver.split import TooManyItems, item_budget, scan, split_logs, split_traces
 
 
 def _mixed_request(rng: random.Random, n_traces=5, resources=3, scopes=2, spans=10):
@@ -47,7 +49,7 @@ def _contents(records):
 def test_mixed_request_is_split_per_trace_with_resource_and_scope_kept():
     req, expected = _mixed_request(random.Random(1))
     body = req.SerializeToString()
-    result = split_traces(ExportTraceServiceRequest.FromString(body), 1_000_000, body)
+    result = split_traces(ExportTraceServiceRequest.FromString(body), 1_000_000, scan(body))
     assert result.accepted == 60 and result.rejected == 0 and result.error_message == ""
     assert len(result.records) == len(expected)
     assert len({r.key for r in result.records}) == len(result.records)
@@ -58,8 +60,8 @@ def test_mixed_request_is_split_per_trace_with_resource_and_scope_kept():
 def test_single_trace_request_passes_body_through_unchanged():
     req, _ = _mixed_request(random.Random(2), n_traces=1)
     body = req.SerializeToString()
-    result = split_traces(ExportTraceServiceRequest.FromString(body), 1_000_000, body)
-    assert len(result.records) == 1 and result.records[0].value is body
+    result = split_traces(ExportTraceServiceRequest.FromString(body), 1_000_000, scan(body))
+    assert len(result.records) == 1 and result.records[0].value is body  # passed through, not re-encoded
     assert TracesData.FromString(body) == TracesData.FromString(result.records[0].value)
 
 
@@ -119,5 +121,25 @@ def test_logs_grouped_by_trace_and_untraced_records_kept_with_null_key():
 
 
 def test_empty_request_yields_no_records():
-    result = split_traces(ExportTraceServiceRequest(), 1_000_000, b"")
+    result = split_traces(ExportTraceServiceRequest(), 1_000_000, scan(b""))
     assert result.records == [] and result.accepted == 0 and result.rejected == 0
+
+
+def test_scan_refuses_more_items_than_the_body_size_allows_before_decoding():
+    junk = b"\x0a\x00" * 200_000  # 400 KB of empty ResourceSpans: 2 bytes each on the wire
+    with pytest.raises(TooManyItems, match="split it into smaller requests"):
+        scan(junk, item_budget(len(junk)))
+    real = make_genai_request(512, 24, seed=6).SerializeToString()
+    assert len(scan(real, item_budget(len(real))).resources) == 1
+
+
+def test_unknown_fields_including_groups_are_walked_and_dropped():
+    req = make_genai_request(6, 2, seed=7)
+    body = req.SerializeToString()
+    # An unknown field 99 as a (deprecated) group holding a varint, then an unknown length-delimited field 100.
+    extra = b"\x9b\x06" + b"\x08\x01" + b"\x9c\x06" + b"\xa2\x06\x02hi"
+    parsed = ExportTraceServiceRequest.FromString(body + extra)
+    result = split_traces(parsed, 1_000_000, scan(body + extra))
+    spans = sorted(sp.span_id for r in result.records for rs in TracesData.FromString(r.value).resource_spans
+                   for ss in rs.scope_spans for sp in ss.spans)
+    assert spans == sorted(sp.span_id for sp in req.resource_spans[0].scope_spans[0].spans)
