@@ -20,9 +20,9 @@ from trace_source import __version__
 from trace_source.settings import ENV_PREFIX, ServeSettings
 
 
-def _option_for(name: str, field) -> click.Option:
+def _option_for(name: str, field, env: str | None = None) -> click.Option:
     flag = "--" + name.replace("_", "-")
-    env = ENV_PREFIX + name.upper()
+    env = env or ENV_PREFIX + name.upper()
     default = field.get_default(call_default_factory=True)
     shown = "unset" if default in (None, {}, []) else default
     help_text = f"{field.description} [env {env}; default: {shown}]"
@@ -152,6 +152,124 @@ def topics_create(kafka_bootstrap_servers, topic, partitions, replication_factor
     created = asyncio.run(create_topic(kafka_bootstrap_servers, topic, partitions, replication_factor,
                                        max_request_size=max_message_bytes))
     click.echo(f"{'created' if created else 'exists'}: {topic}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Assembler: `worker assemble` and `traces` (pipeline/, trace_source/traces.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _assembler_options(func):
+    from pipeline.settings import AssemblerSettings, env_names
+
+    for name, field in reversed(list(AssemblerSettings.model_fields.items())):
+        if name == "in_process":  # a setting of the embedded serve (env only), not of the worker
+            continue
+        func.__click_params__ = getattr(func, "__click_params__", [])
+        func.__click_params__.append(_option_for(name, field, env=" / ".join(env_names(name))))
+    return func
+
+
+@main.group()
+def worker() -> None:
+    """Pipeline stages as long-running consumer-group workers (one Deployment per stage in a cluster)."""
+
+
+@worker.command("assemble")
+@_assembler_options
+def worker_assemble(**flags) -> None:
+    """Assemble spans into trace upload envelopes (consumer group trace-source-assembler).
+
+    \b
+    Reads --input-topic, buffers spans and GenAI log records per trace, drops duplicate spans, and closes a
+    trace when its root ended and it was quiet for --quiet-period-s, at --max-wait-s, or when
+    --max-buffered-bytes forces the oldest out. Envelopes go to --traces-topic (key = trace id, header
+    idempotency-key; bigger than --max-message-bytes: stored under --artifact-dir with a reference on the
+    topic); undecodable input to --dlq-topic. Offsets are committed at the low-watermark of open traces, so a
+    crash or rebalance replays them. Without Kafka it assembles the embedded log under --state-dir into
+    <state-dir>/traces/<trace_id>.json (run serve with TRACE_SOURCE_ASSEMBLER_IN_PROCESS=false then).
+    Serves /metrics, /healthz, /readyz on --metrics-port.
+    """
+    from pydantic import ValidationError
+
+    from pipeline.settings import AssemblerSettings
+
+    try:
+        settings = AssemblerSettings(**{k: v for k, v in flags.items() if v is not None})
+    except (ValidationError, ValueError) as exc:
+        raise click.UsageError(f"invalid settings:\n{exc}") from None
+    from aiokafka.errors import KafkaError
+
+    from pipeline.worker import run_worker
+    from trace_source.logging import configure
+
+    configure(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(run_worker(settings))
+    except (OSError, KafkaError) as exc:  # start-up failures: broker unreachable, no embedded log, port taken
+        raise click.ClickException(f"cannot start: {exc}") from None
+
+
+def _traces_source_options(func):
+    options = [
+        click.option("--kafka-bootstrap-servers", envvar="TRACE_SOURCE_KAFKA_BOOTSTRAP_SERVERS", default=None,
+                     help="Read the traces topic instead of <state-dir>/traces "
+                          "[env TRACE_SOURCE_KAFKA_BOOTSTRAP_SERVERS]."),
+        click.option("--topic", envvar="TRACE_SOURCE_ASSEMBLER_TRACES_TOPIC", default="trace-source.traces",
+                     show_default=True, help="Traces topic (Kafka)."),
+        click.option("--state-dir", envvar="TRACE_SOURCE_STATE_DIR", type=click.Path(path_type=Path),
+                     default=Path(".trace-source"), show_default=True, help="Embedded state directory."),
+        click.option("--artifact-dir", envvar="TRACE_SOURCE_ASSEMBLER_ARTIFACT_DIR", type=click.Path(path_type=Path),
+                     default=None, help="Artifact store for claim-checked envelopes [default: <state-dir>/artifacts]."),
+        click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                     help="Kafka: how long to wait for the topic's end offsets."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.group(invoke_without_command=True)
+@_traces_source_options
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest N traces.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per trace (the table's fields).")
+@click.pass_context
+def traces(ctx, kafka_bootstrap_servers, topic, state_dir, artifact_dir, timeout, limit, as_json) -> None:
+    """List assembled traces: trace id, agent, task, status, LLM / tool call counts, errors.
+
+    Reads <state-dir>/traces/*.json (embedded), or the traces topic with --kafka-bootstrap-servers (latest
+    version per trace). `trace-source traces show TRACE_ID` prints one trace.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj.update(kafka_bootstrap_servers=kafka_bootstrap_servers, topic=topic, state_dir=state_dir,
+                   artifact_dir=artifact_dir, timeout=timeout)
+    if ctx.invoked_subcommand is not None:
+        return
+    from trace_source.traces import list_traces
+
+    try:
+        click.echo(list_traces(limit=limit, as_json=as_json, **ctx.obj), nl=False)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@traces.command("show")
+@click.argument("trace_id")
+@_traces_source_options
+@click.option("--json", "as_json", is_flag=True, help="The whole envelope as JSON.")
+@click.pass_context
+def traces_show(ctx, trace_id, as_json, **source) -> None:
+    """Show one trace (a unique prefix of its id is enough): summary, LLM and tool calls, errors, span tree."""
+    from trace_source.traces import show_trace
+
+    from click.core import ParameterSource
+
+    # Source options may come before `show` (the group's) or after it; explicit ones after it win.
+    options = {**ctx.obj, **{k: v for k, v in source.items()
+                             if ctx.get_parameter_source(k) not in (None, ParameterSource.DEFAULT)}}
+    try:
+        click.echo(show_trace(trace_id, as_json=as_json, **options), nl=False)
+    except (FileNotFoundError, LookupError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

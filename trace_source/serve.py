@@ -43,6 +43,25 @@ def build_sink(settings: ServeSettings) -> Sink:
     return LocalLogSink(settings.state_dir, fsync=settings.local_log_fsync)
 
 
+async def _start_embedded_assembler(settings: ServeSettings, metrics: ReceiverMetrics):
+    """Embedded default (no broker): run the assembler in-process over the local log, unless
+    ``TRACE_SOURCE_ASSEMBLER_IN_PROCESS=false``. Its metrics join the receiver's ``/metrics``."""
+    if settings.kafka_bootstrap_servers:
+        return None
+    from pipeline.settings import AssemblerSettings
+    from pipeline.worker import EmbeddedAssembler
+
+    from sinks.base import SPANS_TOPIC
+
+    # The local log is always written under SPANS_TOPIC (build_sink), whatever TRACE_SOURCE_KAFKA_TOPIC says.
+    assembler_settings = AssemblerSettings(state_dir=settings.state_dir, input_topic=SPANS_TOPIC)
+    if not assembler_settings.in_process:
+        return None
+    assembler = EmbeddedAssembler(assembler_settings, metrics.registry)
+    await assembler.start()
+    return assembler
+
+
 async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT."""
     stop = stop or asyncio.Event()
@@ -62,6 +81,7 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> Non
 
     budget = InflightBudget(settings.max_inflight_bytes, external=lambda: getattr(sink, "inflight_bytes", 0))
     metrics = ReceiverMetrics(inflight_bytes_fn=lambda: budget.used_bytes)
+    assembler = await _start_embedded_assembler(settings, metrics)
     service = ExportService(sink, budget, metrics, max_record_bytes=settings.max_record_bytes,
                             retry_after_s=settings.retry_after_s)
     auth = Authenticator(settings.token_map(), settings.source_id)
@@ -95,5 +115,7 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> Non
         # Both servers stop accepting at once and drain their in-flight requests concurrently.
         await asyncio.gather(runner.cleanup(), *(
             [grpc_server.stop(settings.shutdown_grace_s)] if grpc_server is not None else []))
+        if assembler is not None:
+            await assembler.stop()
         await sink.stop()
         log.info("stopped")

@@ -1,0 +1,104 @@
+"""Glue from a closed trace (``pipeline.buffers.ClosedTrace``) to its upload envelope (``normalizers.envelope``).
+
+Steps: decode the kept OTLP records to canonical spans and log events (``normalizers.canonical``), merged with the
+previous envelope's content when the trace was reopened from one; one span per span id (the copy that ends latest,
+the first one on ties — the same rule the buffers dedupe with), one log event per (span id, time, observed time,
+severity, event name); redact (``normalizers.redact``) *before* building the agent-run view
+(``normalizers.agent_run``) so the view only sees redacted content; then the idempotency key over the trace id and
+the span set, and the :class:`~normalizers.envelope.Envelope`.
+
+Pure and CPU-bound (the assembler runs it in a worker thread). Raises whatever validation raises
+(``pydantic.ValidationError``, ``ValueError``): the assembler then sends the trace's records to the DLQ.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from normalizers.agent_run import build_agent_run
+from normalizers.canonical import CanonicalLogEvent, CanonicalSpan, log_events_from_logs_data, spans_from_traces_data
+from normalizers.envelope import Completeness, Envelope, RedactionReport, Source, envelope_idempotency_key, repository_from
+from normalizers.redact import Redactor
+from pipeline.buffers import ClosedTrace
+from sinks.base import SIGNAL_LOGS
+
+#: Source kind when the records do not say how they arrived (e.g. written by another producer).
+DEFAULT_SOURCE_KIND = "otlp"
+DEFAULT_SOURCE_ID = "unknown"
+
+
+def _log_id(e: CanonicalLogEvent) -> tuple:
+    return (e.span_id, e.time_unix_nano, e.observed_time_unix_nano, e.severity_number, e.event_name)
+
+
+def collect(closed: ClosedTrace) -> tuple[list[CanonicalSpan], list[CanonicalLogEvent]]:
+    """The trace's canonical spans (ordered by start time, span id) and log events (ordered by time)."""
+    spans: dict[str, CanonicalSpan] = {}
+    logs: dict[tuple, CanonicalLogEvent] = {}
+    if closed.prior is not None:
+        spans = {s.span_id: s for s in closed.prior.spans}
+        logs = {_log_id(e): e for e in closed.prior.log_events}
+    for rec in closed.records:
+        if rec.signal == SIGNAL_LOGS:
+            for e in log_events_from_logs_data(rec.value):
+                if e.trace_id == closed.trace_id:
+                    logs.setdefault(_log_id(e), e)
+            continue
+        for s in spans_from_traces_data(rec.value):
+            if s.trace_id != closed.trace_id:
+                continue
+            old = spans.get(s.span_id)
+            if old is None or s.end_time_unix_nano > old.end_time_unix_nano:
+                spans[s.span_id] = s
+    ordered_spans = sorted(spans.values(), key=lambda s: (s.start_time_unix_nano, s.span_id))
+    ordered_logs = sorted(logs.values(), key=lambda e: (e.time_unix_nano or e.observed_time_unix_nano, _log_id(e)))
+    return ordered_spans, ordered_logs
+
+
+def build_envelope(closed: ClosedTrace, *, assembled_at_ns: int, redactor: Redactor | None = None,
+                   repository: str | None = None) -> Envelope:
+    """The envelope of ``closed`` (version ``closed.version``, closed for ``closed.reason``).
+
+    ``assembled_at_ns``: unix ns to record as the assembly time. ``redactor``: ``None`` leaves content as received
+    (``redaction.masking_applied`` false). ``repository``: configured ``owner/name``, else read from resource
+    attributes (``normalizers.envelope.repository_from``).
+    """
+    spans, logs = collect(closed)
+    report = RedactionReport()
+    if redactor is not None:
+        spans, logs, report = redactor.redact(spans, logs)
+    prior = closed.prior
+    if prior is not None and prior.redaction.masking_applied:
+        # Masks already in the prior content are not counted again; carry its counts over.
+        masked = Counter(report.masked)
+        masked.update(prior.redaction.masked)
+        report = report.model_copy(update={
+            "masking_applied": True, "masked": dict(sorted(masked.items())),
+            "dropped_by_allow_list": report.dropped_by_allow_list + prior.redaction.dropped_by_allow_list,
+            "dropped_by_deny_list": report.dropped_by_deny_list + prior.redaction.dropped_by_deny_list})
+
+    root = next((s for s in spans if not s.parent_span_id), None)
+    resource = (root or (spans[0] if spans else None) or (logs[0] if logs else None))
+    resource_attrs = dict(resource.resource) if resource is not None else {}
+    received = [r.received_at_ns for r in closed.records if r.received_at_ns > 0]
+    if prior is not None:
+        received.append(prior.received_at_unix_nano)
+    first = closed.records[0] if closed.records else None
+    source = Source(
+        id=(first.source_id if first and first.source_id else (prior.source.id if prior else DEFAULT_SOURCE_ID)),
+        kind=(first.transport if first and first.transport else (prior.source.kind if prior else DEFAULT_SOURCE_KIND)))
+    return Envelope(
+        idempotency_key=envelope_idempotency_key(closed.trace_id, spans),
+        envelope_version=closed.version,
+        trace_id=closed.trace_id,
+        source=source,
+        repository=repository_from(repository, resource_attrs),
+        received_at_unix_nano=min(received) if received else assembled_at_ns,
+        assembled_at_unix_nano=assembled_at_ns,
+        completeness=Completeness(root_seen=root is not None, closed_reason=closed.reason),
+        resource=resource_attrs,
+        spans=spans,
+        log_events=logs,
+        agent_run=build_agent_run(spans, logs),
+        redaction=report,
+    )

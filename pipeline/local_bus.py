@@ -1,0 +1,178 @@
+"""The embedded shape's bus: the local SQLite log (``sinks.local_log``) as one partition, output topics as files.
+
+Consumer: partition ``0`` of ``topic`` in ``<state_dir>/spans.db``; offsets are the log's offsets; the group's
+committed offset lives in the log's ``group_offsets`` table (stored there in the reader's "last processed"
+convention, i.e. the bus offset minus one). The log has no change notification, so an empty poll re-reads every
+``poll_interval_s``. Only ONE consumer per group may run against a log: there is no group coordination.
+
+Publisher: a record of topic ``trace-source.<name>`` becomes the file ``<root>/<name>/<key>.json`` (the latest
+record per key wins, like a compacted topic), written atomically (temp file, fsync, rename, fsync of the
+directory) so readers never see half a file and a returned ``publish`` survives ``kill -9`` and power loss.
+A JSON value (header ``content-type: application/json``) is the file itself; any other value is wrapped as
+``{"key", "headers", "value_base64"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping
+
+from sinks.base import (
+    HEADER_CONTENT_TYPE,
+    HEADER_RECEIVED_AT,
+    HEADER_SIGNAL,
+    HEADER_SOURCE_ID,
+    HEADER_TRANSPORT,
+    SPANS_TOPIC,
+)
+from sinks.local_log import LOG_FILENAME, LocalLogReader
+from pipeline.bus import BusPublishError, BusRecord, Headers, PartitionListener
+
+JSON_CONTENT_TYPE = "application/json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably: readers see the old file or the new one, never a mix.
+
+    Creates missing parent directories. Raises ``OSError`` (disk full, permissions); the temp file is removed then.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # The rename itself is durable only once the directory entry is.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def topic_dir(topic: str) -> str:
+    """Directory name of an output topic: ``trace-source.traces`` -> ``traces``."""
+    return _UNSAFE.sub("_", topic.removeprefix("trace-source."))
+
+
+def file_name(key: bytes | None) -> str:
+    """File name (without ``.json``) for a record key; unsafe characters become ``_``."""
+    text = "null" if key is None else key.decode("utf-8", errors="replace")
+    return _UNSAFE.sub("_", text) or "_"
+
+
+class LocalLogConsumer:
+    """:class:`pipeline.bus.BusConsumer` over ``<state_dir>/spans.db`` (partition 0 of ``topic``).
+
+    ``start`` raises ``FileNotFoundError`` when the log does not exist (``serve`` creates it on start).
+    """
+
+    def __init__(self, state_dir: str | Path, *, topic: str = SPANS_TOPIC, group_id: str,
+                 poll_interval_s: float = 0.1) -> None:
+        self.path = Path(state_dir) / LOG_FILENAME
+        self.topic = topic
+        self.group_id = group_id
+        self.poll_interval_s = poll_interval_s
+        self._reader: LocalLogReader | None = None
+        self._after = 0  # last offset handed out (reader convention)
+
+    async def start(self, listener: PartitionListener) -> None:
+        if not self.path.exists():
+            raise FileNotFoundError(f"no embedded log at {self.path}: start `trace-source serve` with this state dir")
+        self._reader = await asyncio.to_thread(LocalLogReader, self.path)
+        self._after = await asyncio.to_thread(self._reader.committed_offset, self.group_id, self.topic)
+        await listener.on_assigned({0})
+
+    async def poll(self, max_records: int, timeout_s: float) -> list[BusRecord]:
+        reader = self._require()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = await asyncio.to_thread(reader.read, self._after, max_records, topic=self.topic)
+            if rows:
+                self._after = rows[-1].offset
+                return [_to_bus_record(r) for r in rows]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            await asyncio.sleep(min(self.poll_interval_s, remaining))
+
+    async def commit(self, offsets: Mapping[int, int]) -> None:
+        if 0 in offsets:
+            reader = self._require()
+            await asyncio.to_thread(reader.commit_offset, self.group_id, self.topic, offsets[0] - 1)
+
+    def assignment(self) -> frozenset[int]:
+        return frozenset({0}) if self._reader is not None else frozenset()
+
+    async def stop(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await asyncio.to_thread(reader.close)
+
+    def _require(self) -> LocalLogReader:
+        if self._reader is None:
+            raise RuntimeError("LocalLogConsumer is not started")
+        return self._reader
+
+
+def _to_bus_record(r) -> BusRecord:
+    headers = [
+        (HEADER_SOURCE_ID, r.source_id.encode()),
+        (HEADER_SIGNAL, r.signal.encode()),
+        (HEADER_RECEIVED_AT, str(r.received_at_ns).encode()),
+        (HEADER_CONTENT_TYPE, r.content_type.encode()),
+    ]
+    transport = getattr(r, "transport", None)  # column added to the log's schema later; older rows lack it
+    if transport:
+        headers.append((HEADER_TRANSPORT, transport.encode()))
+    return BusRecord(topic=r.topic, partition=0, offset=r.offset,
+                     key=None if r.key is None else r.key.encode("ascii"), value=r.value, headers=tuple(headers))
+
+
+class LocalFilePublisher:
+    """:class:`pipeline.bus.BusPublisher` writing one file per key under ``root`` (see the module docstring)."""
+
+    max_message_bytes: int | None = None
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path_for(self, topic: str, key: bytes | None) -> Path:
+        """Where ``publish(topic, key, ...)`` writes."""
+        return self.root / topic_dir(topic) / f"{file_name(key)}.json"
+
+    async def start(self) -> None:
+        return None
+
+    async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
+        hdrs = {k: v.decode("utf-8", errors="replace") for k, v in headers}
+        if hdrs.get(HEADER_CONTENT_TYPE) != JSON_CONTENT_TYPE:
+            value = json.dumps({"key": None if key is None else key.decode("utf-8", errors="replace"),
+                                "headers": hdrs, "value_base64": base64.b64encode(value).decode()},
+                               indent=2).encode()
+        try:
+            await asyncio.to_thread(atomic_write_bytes, self.path_for(topic, key), value)
+        except OSError as exc:
+            raise BusPublishError(f"cannot write {self.path_for(topic, key)}: {exc}") from exc
+
+    def record_size(self, key: bytes | None, value: bytes, headers: Headers = ()) -> int:
+        return len(value)
+
+    async def stop(self) -> None:
+        return None

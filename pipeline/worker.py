@@ -1,0 +1,180 @@
+"""Wiring of the assembler for its two shapes: ``trace-source worker assemble`` and the embedded ``serve``.
+
+* :func:`build_local_assembler` — over the embedded log in ``state_dir``; envelopes to ``<state_dir>/traces/``,
+  dead letters to ``<state_dir>/dlq/``; restarts recognize emitted traces through the traces directory.
+* :func:`run_kafka_worker` / :func:`run_worker` — a consumer-group member on Kafka, envelopes to the traces topic,
+  claim checks into ``artifact_dir``; serves ``/metrics``, ``/healthz``, ``/readyz`` on ``metrics_port`` and logs
+  one ``assembler.serving`` line with the bound port.
+* :class:`EmbeddedAssembler` — the in-process task ``serve`` starts and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from contextlib import AsyncExitStack
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from normalizers.redact import Redactor
+from pipeline.assembler import Assembler, TracesDirLookup
+from pipeline.local_bus import LocalFilePublisher, LocalLogConsumer
+from pipeline.metrics import AssemblerMetrics
+from pipeline.outputs import EnvelopeOutput
+from pipeline.settings import AssemblerSettings
+
+log = structlog.get_logger("trace_source.assembler")
+
+
+def _redactor(settings: AssemblerSettings) -> Redactor | None:
+    return Redactor() if settings.redaction else None
+
+
+def build_local_assembler(settings: AssemblerSettings, metrics: AssemblerMetrics | None = None,
+                          **kwargs) -> Assembler:
+    """Assembler over the embedded log (``<state_dir>/spans.db``) writing files under ``state_dir``.
+    ``kwargs`` go to :class:`pipeline.assembler.Assembler` (``clock``, ``wall_ns``)."""
+    publisher = LocalFilePublisher(settings.state_dir)
+    output = EnvelopeOutput(publisher, topic=settings.traces_topic, dlq_topic=settings.dlq_topic,
+                            artifact_root=settings.artifact_root)
+    consumer = LocalLogConsumer(settings.state_dir, topic=settings.input_topic, group_id=settings.group_id)
+    lookup = TracesDirLookup(publisher.path_for(settings.traces_topic, b"x").parent)
+    return Assembler(consumer, output, settings, metrics=metrics, lookup=lookup, redactor=_redactor(settings),
+                     **kwargs)
+
+
+class EmbeddedAssembler:
+    """The assembler as a background task of the embedded ``serve`` (call :meth:`start` after the local log sink
+    started, :meth:`stop` on shutdown). ``registry``: the receiver's metrics registry, so ``serve``'s ``/metrics``
+    shows the assembler too."""
+
+    def __init__(self, settings: AssemblerSettings, registry: CollectorRegistry | None = None,
+                 restart_delay_s: float = 1.0) -> None:
+        self.settings = settings
+        self.metrics = AssemblerMetrics(registry)
+        self.assembler = build_local_assembler(settings, self.metrics)
+        self.restart_delay_s = restart_delay_s
+        self._started_once = False
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="embedded-assembler")
+        started = asyncio.create_task(self.assembler.started.wait())
+        await asyncio.wait({self._task, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if self._task.done():
+            self._task.result()  # raise the start-up error
+
+    async def _run(self) -> None:
+        # serve must keep receiving whatever happens here: an unexpected failure (e.g. the log locked for longer
+        # than SQLite's busy timeout) restarts the assembler, which replays from its committed offset.
+        while True:
+            try:
+                await self.assembler.run(self._stop)
+                return
+            except Exception:
+                if self.assembler.started.is_set():
+                    self._started_once = True
+                if not self._started_once:
+                    raise  # the first start failed: serve reports it
+                log.exception("assembler.failed_restarting", restart_delay_s=self.restart_delay_s)
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.restart_delay_s)
+                return
+            except TimeoutError:
+                self.assembler = build_local_assembler(self.settings, self.metrics)
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop polling, commit the watermark. Open traces stay in the log and are assembled on the next start."""
+        self._stop.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except TimeoutError:
+            log.warning("assembler.stop_timeout", timeout_s=timeout_s)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def ensure_output_topics(settings: AssemblerSettings) -> None:
+    """Create the traces and DLQ topics if missing, with as many partitions as the input topic (unless
+    ``topic_partitions``) and ``max.message.bytes`` above ``max_message_bytes``. Raises ``KafkaError``."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from sinks.kafka_admin import create_topic
+
+    partitions = settings.topic_partitions
+    if partitions is None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id="trace-source")
+        await admin.start()
+        try:
+            topics = await admin.describe_topics([settings.input_topic])
+        finally:
+            await admin.close()
+        found = [t for t in topics if t["topic"] == settings.input_topic and t["partitions"]]
+        partitions = len(found[0]["partitions"]) if found else 12
+    for topic in (settings.traces_topic, settings.dlq_topic):
+        await create_topic(settings.kafka_bootstrap_servers, topic, partitions, settings.replication_factor,
+                           max_request_size=settings.max_message_bytes + 64 * 1024)
+
+
+async def _metrics_server(metrics: AssemblerMetrics, assembler: Assembler, host: str, port: int):
+    async def metrics_handler(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready = assembler.started.is_set()
+        return web.Response(text="ready\n" if ready else "starting\n", status=200 if ready else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = None) -> None:
+    """``trace-source worker assemble``: Kafka when bootstrap servers are set, else the embedded log (then only
+    one assembler may run per state dir, and ``serve`` should run with ``in_process`` off). Runs until ``stop`` or
+    SIGTERM/SIGINT."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics = AssemblerMetrics()
+    async with AsyncExitStack() as stack:
+        if settings.kafka_bootstrap_servers:
+            from pipeline.kafka_bus import KafkaConsumerBus, KafkaPublisher
+
+            publisher = KafkaPublisher(
+                settings.kafka_bootstrap_servers, max_message_bytes=settings.max_message_bytes,
+                compression_type=None if settings.compression == "none" else settings.compression)
+            await publisher.start()
+            stack.push_async_callback(publisher.stop)
+            if settings.create_topics:
+                await ensure_output_topics(settings)
+            output = EnvelopeOutput(publisher, topic=settings.traces_topic, dlq_topic=settings.dlq_topic,
+                                    artifact_root=settings.artifact_root)
+            consumer = KafkaConsumerBus(settings.kafka_bootstrap_servers, topic=settings.input_topic,
+                                        group_id=settings.group_id, client_id="trace-source-assembler",
+                                        group_instance_id=settings.group_instance_id)
+            assembler = Assembler(consumer, output, settings, metrics=metrics, redactor=_redactor(settings))
+        else:
+            assembler = build_local_assembler(settings, metrics)
+        runner, port = await _metrics_server(metrics, assembler, settings.metrics_host, settings.metrics_port)
+        stack.push_async_callback(runner.cleanup)
+        log.info("assembler.serving", metrics_port=port, input_topic=settings.input_topic,
+                 traces_topic=settings.traces_topic, group_id=settings.group_id,
+                 kafka=settings.kafka_bootstrap_servers, state_dir=str(settings.state_dir))
+        await assembler.run(stop)
