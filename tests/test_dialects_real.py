@@ -34,10 +34,10 @@ Dialects and the packages producing them (pinned in pyproject's ``test`` extra /
 
 Claude Code cannot run here (a proprietary CLI needing Anthropic's API); hand-written fixtures cover it.
 
-Where the run view comes from: :data:`RUN_VIEW_SOURCE` (or ``TRACE_SOURCE_TEST_RUN_VIEW``). ``"records"`` (current)
-rebuilds it from the landed OTLP records with ``normalizers.canonical`` + ``normalizers.agent_run.build_agent_run``;
-``"envelope"`` reads the assembler's ``<state_dir>/traces/<trace_id>.json`` (polled until it holds every span) and
-uses its ``agent_run``.
+Where the run view comes from: :data:`RUN_VIEW_SOURCE` (or ``TRACE_SOURCE_TEST_RUN_VIEW``). ``"envelope"`` (the
+default) reads the assembler's ``<state_dir>/traces/<trace_id>.json`` envelope (polled until it holds every span)
+and uses its ``agent_run``; ``"records"`` rebuilds it from the landed OTLP records with ``normalizers.canonical`` +
+``normalizers.agent_run.build_agent_run`` (isolates the normalizer from the assembler when debugging).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from sinks.local_log import LOG_FILENAME, LocalLogReader
 
 #: ``"records"``: build the run view from the landed records; ``"envelope"``: read the assembler's envelope file.
 #: ``TRACE_SOURCE_TEST_RUN_VIEW`` overrides it for one run.
-RUN_VIEW_SOURCE = os.environ.get("TRACE_SOURCE_TEST_RUN_VIEW", "records")
+RUN_VIEW_SOURCE = os.environ.get("TRACE_SOURCE_TEST_RUN_VIEW", "envelope")
 
 TESTS_DIR = Path(__file__).resolve().parent
 AGENTS_DIR = TESTS_DIR / "dialect_agents"
