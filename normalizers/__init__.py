@@ -1,4 +1,4 @@
-"""Pure functions, no I/O: OTLP -> canonical spans, agent-framework dialect readers, redaction, the envelope model.
-
-Filled in by the assembler work (issue "Assemble traces and normalize agent runs into upload envelopes").
+"""Pure functions, no I/O: OTLP -> canonical spans (``canonical``), agent-framework dialect readers (``dialects``)
+-> the agent-run view (``agent_run``), redaction (``redact``), and the upload envelope model with its published
+JSON Schema (``envelope``, ``schema/``).
 """

@@ -1,4 +1,5 @@
-"""Stages that consume per-trace batches: the bus interface, the assembler, grade/reproduce/fix.
+"""Stages that consume per-trace batches: the bus interface (Kafka and local), the assembler, and later the
+grade/reproduce/fix stages.
 
-Filled in by later issues; the receiver does not import this package.
+Imports flow pipeline -> normalizers and pipeline -> sinks; the receiver never imports this package.
 """
