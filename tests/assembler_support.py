@@ -4,11 +4,7 @@ traces topic back, and agent traces made with the real OpenTelemetry SDK (comple
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from interop_support import RecordingSpanExporter, make_agent_traces, span_exporter
+from tests.serve_proc import CliProcess
 
 _BIN = Path(sys.executable).with_name("trace-source")
 RESOURCE = {"service.name": "assembler-e2e-agent"}
@@ -32,49 +29,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class WorkerProcess:
+class WorkerProcess(CliProcess):
     """``trace-source worker assemble`` in a subprocess, flags given as keyword arguments (``quiet_period_s=1``)."""
 
     def __init__(self, log_path: Path, *, env: dict[str, str] | None = None, **flags) -> None:
-        self.log_path = Path(log_path)
-        self.args = []
+        args = ["worker", "assemble"]
         for name, value in {"metrics_port": 0, "metrics_host": "127.0.0.1", **flags}.items():
-            self.args += [f"--{name.replace('_', '-')}", str(value)]
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_SOURCE_")}
-        self.env.update(env or {})
-        self.proc: subprocess.Popen | None = None
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        super().__init__(log_path, args, env)
         self.metrics_port = 0
 
     def start(self, timeout_s: float = 60.0) -> "WorkerProcess":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(_BIN), "worker", "assemble", *self.args], stdout=log, stderr=log,
-                                         env=self.env)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            for event in self.events(offset):
-                if event.get("event") == "assembler.started":
-                    return self
-                if event.get("event") == "assembler.serving":
-                    self.metrics_port = event["metrics_port"]
-            time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(f"worker did not start in {timeout_s}s:\n{self.log_tail()}")
-
-    def events(self, offset: int = 0) -> list[dict]:
-        out = []
-        with open(self.log_path, "rb") as f:
-            f.seek(offset)
-            for line in f.read().decode(errors="replace").splitlines():
-                if line.startswith("{"):
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass
-        return out
+        since = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.launch("assembler.started", timeout_s)
+        serving = [e for e in self.events(since) if e.get("event") == "assembler.serving"]
+        if serving:
+            self.metrics_port = serving[-1]["metrics_port"]
+        return self
 
     def assigned(self) -> set[int]:
         """Partitions the worker owns according to its last assigned/revoked log lines."""
@@ -85,28 +56,6 @@ class WorkerProcess:
             elif e.get("event") == "assembler.revoked":
                 owned -= set(e["partitions"])
         return owned
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown work at all."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def metric_value(port: int, name: str, **labels: str) -> float:

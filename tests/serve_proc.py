@@ -1,7 +1,8 @@
-"""Run ``trace-source serve`` as a real process for tests and benchmarks.
+"""Run ``trace-source`` commands as real processes for tests and benchmarks.
 
-Starts the console script with ``--port 0 --grpc-port 0`` (free ports), waits for the ``serving`` JSON log line and
-reads the bound ports from it. stderr goes to a log file under the state dir so a failing test can show it.
+:class:`CliProcess` starts a ``trace-source`` subcommand with stdout/stderr appended to a log file, waits for a JSON
+log event that says it is up, and stops it with SIGTERM (graceful) or SIGKILL (crash). :class:`ServeProcess` runs
+``serve`` on free ports (``--port 0 --grpc-port 0``) and reads the bound ports from its ``serving`` event.
 """
 
 from __future__ import annotations
@@ -17,50 +18,51 @@ from pathlib import Path
 _BIN = Path(sys.executable).with_name("trace-source")
 
 
-class ServeProcess:
-    """``trace-source serve`` in a subprocess. ``extra_args``: more CLI flags; ``env``: extra environment."""
+class CliProcess:
+    """``trace-source <argv>`` in a subprocess; ``env``: extra environment (``TRACE_SOURCE_*`` from the caller's
+    environment are dropped so a developer's settings cannot leak into tests)."""
 
-    def __init__(self, state_dir: Path, *extra_args: str, env: dict[str, str] | None = None,
-                 kafka_bootstrap: str | None = None) -> None:
-        self.state_dir = Path(state_dir)
-        self.args = ["--port", "0", "--grpc-port", "0", "--state-dir", str(self.state_dir), *extra_args]
-        if kafka_bootstrap:
-            self.args += ["--kafka-bootstrap-servers", kafka_bootstrap]
+    def __init__(self, log_path: Path, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.log_path = Path(log_path)
+        self.argv = argv
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_SOURCE_")}
         self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
-        self.http_port = self.grpc_port = 0
-        self.log_path = self.state_dir.parent / f"{self.state_dir.name}-serve.log"
 
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+    def launch(self, ready_event: str, timeout_s: float) -> dict:
+        """Start the process and return the first ``ready_event`` JSON log event of this run.
 
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def start(self, timeout_s: float = 30.0) -> "ServeProcess":
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        since = log.tell()  # a restart on the same state dir appends: only this run's lines count
-        self.proc = subprocess.Popen([str(_BIN), "serve", *self.args], stdout=log, stderr=log, env=self.env)
-        log.close()
+        Raises ``RuntimeError`` if the process exits first and ``TimeoutError`` (after killing it) if the event
+        does not come within ``timeout_s``; both carry the log's tail.
+        """
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        since = self.log_path.stat().st_size if self.log_path.exists() else 0  # restarts append to the same log
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(_BIN), *self.argv], stdout=log, stderr=log, env=self.env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"trace-source serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with open(self.log_path, "rb") as f:
-                f.seek(since)
-                lines = f.read().decode(errors="replace").splitlines()
-            for line in lines:
-                if '"serving"' in line:
-                    event = json.loads(line)
-                    self.http_port, self.grpc_port = event["http_port"], event.get("grpc_port") or 0
-                    return self
+                raise RuntimeError(f"trace-source {self.argv[0]} exited with {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
+            for event in self.events(since):
+                if event.get("event") == ready_event:
+                    return event
             time.sleep(0.05)
         self.kill()
-        raise TimeoutError(f"trace-source serve did not start in {timeout_s}s:\n{self.log_tail()}")
+        raise TimeoutError(f"trace-source {self.argv[0]} did not start in {timeout_s}s:\n{self.log_tail()}")
+
+    def events(self, offset: int = 0) -> list[dict]:
+        """The JSON log events written since byte ``offset`` of the log (other lines are skipped)."""
+        out = []
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            for line in f.read().decode(errors="replace").splitlines():
+                if line.startswith("{"):
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass
+        return out
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -85,11 +87,38 @@ class ServeProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> "ServeProcess":
-        return self.start()
-
     def __exit__(self, *exc) -> None:
         try:
             self.stop()
         finally:
             self.kill()
+
+
+class ServeProcess(CliProcess):
+    """``trace-source serve`` with its state under ``state_dir``. ``extra_args``: more CLI flags."""
+
+    def __init__(self, state_dir: Path, *extra_args: str, env: dict[str, str] | None = None,
+                 kafka_bootstrap: str | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        args = ["serve", "--port", "0", "--grpc-port", "0", "--state-dir", str(self.state_dir), *extra_args]
+        if kafka_bootstrap:
+            args += ["--kafka-bootstrap-servers", kafka_bootstrap]
+        super().__init__(self.state_dir.parent / f"{self.state_dir.name}-serve.log", args, env)
+        self.http_port = self.grpc_port = 0
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout_s: float = 30.0) -> "ServeProcess":
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        event = self.launch("serving", timeout_s)
+        self.http_port, self.grpc_port = event["http_port"], event.get("grpc_port") or 0
+        return self
+
+    def __enter__(self) -> "ServeProcess":
+        return self.start()
