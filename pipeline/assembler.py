@@ -98,7 +98,8 @@ class Assembler:
         self.core = AssemblerCore(
             quiet_period_s=settings.quiet_period_s, max_wait_s=settings.max_wait_s,
             max_buffered_bytes=settings.max_buffered_bytes, remembered=settings.closed_traces_remembered,
-            retained_bytes=settings.retained_bytes, clock=clock)
+            retained_bytes=settings.retained_bytes, clock=clock,
+            prompt_quiet_period_s=settings.prompt_quiet_period_s)
         self.metrics.bind(lambda: self.core.open_traces, lambda: self.core.buffered_bytes,
                           lambda: self.core.retained_bytes)
         self._committed: dict[int, int] = {}
@@ -128,7 +129,8 @@ class Assembler:
         await self.consumer.start(self)
         self.started.set()
         log.info("assembler.started", topic=self.consumer.topic, group_id=self.consumer.group_id,
-                 quiet_period_s=self.settings.quiet_period_s, max_wait_s=self.settings.max_wait_s)
+                 quiet_period_s=self.settings.quiet_period_s, max_wait_s=self.settings.max_wait_s,
+                 prompt_quiet_period_s=self.settings.prompt_quiet_period_s)
         next_commit = self.clock() + self.settings.commit_interval_s
         try:
             while not stop.is_set():
@@ -171,10 +173,11 @@ class Assembler:
         try:
             decoded = decode_record(rec)
         except PoisonRecord as exc:
+            error = str(exc)  # bound outside the except-clause name, which Python unbinds when the clause ends
             log.warning("assembler.poison", topic=rec.topic, partition=rec.partition, offset=rec.offset,
-                        error=str(exc))
+                        error=error)
             try:
-                await self._durably(lambda: self.output.dead_letter(rec, str(exc)), rec.partition, None)
+                await self._durably(lambda: self.output.dead_letter(rec, error), rec.partition, None)
             except _Abandoned:
                 return  # not consumed: the watermark stays below it
             self.metrics.dlq.labels("undecodable").inc()

@@ -12,9 +12,16 @@ ends later, which replaces the old one; log records are identified by (span id, 
 event name). A record that brings nothing new is not kept.
 
 **Close rules** (:meth:`AssemblerCore.due`): ``root-ended-and-quiet`` — a span without parent has ended and no new
-data came for ``quiet_period_s``; ``max-wait`` — ``max_wait_s`` since the trace's first data; ``evicted`` — the
+data came for ``quiet_period_s`` (for a prompt-keyed trace, which has no spans and so no root: no new data came for
+``prompt_quiet_period_s``); ``max-wait`` — ``max_wait_s`` since the trace's first data; ``evicted`` — the
 buffered bytes of all open traces exceed ``max_buffered_bytes``: oldest trace first. Times are the assembler's own
 arrival times (replays restart the clocks; a replay reads faster than the data was produced, so gaps shrink).
+
+**Log records without a trace id.** Those carrying ``prompt.id`` (Claude Code events) belong to the synthetic trace
+``sinks.base.prompt_trace_id(session.id, prompt.id)`` — recomputed here from the attributes, the same id the
+receiver used as the record key — and are assembled like any trace: one prompt = one trace = one envelope. Such a
+trace is *prompt-keyed*; its log records keep their empty trace id in the envelope. Records with neither a trace id
+nor a ``prompt.id`` cannot be grouped and are only counted.
 
 **Late data and versions.** Closed traces are remembered in a bounded LRU (``remembered`` entries): version, known
 span triples and log ids, and — within ``retained_bytes`` — the raw records. Data for a remembered trace that is
@@ -48,14 +55,20 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogsData
 from opentelemetry.proto.trace.v1.trace_pb2 import Status, TracesData
 
 from pipeline.bus import BusRecord
-from sinks.base import HEADER_RECEIVED_AT, HEADER_SIGNAL, HEADER_SOURCE_ID, HEADER_TRANSPORT, SIGNAL_LOGS, SIGNAL_TRACES
+from sinks.base import (
+    HEADER_RECEIVED_AT, HEADER_SIGNAL, HEADER_SOURCE_ID, HEADER_TRANSPORT, SIGNAL_LOGS, SIGNAL_TRACES,
+    prompt_trace_id_of, prompt_trace_id_of_dict)
 
 if TYPE_CHECKING:
+    from normalizers.canonical import CanonicalLogEvent
     from normalizers.envelope import Envelope
 
 CLOSED_QUIET = "root-ended-and-quiet"
 CLOSED_MAX_WAIT = "max-wait"
 CLOSED_EVICTED = "evicted"
+#: Close reason of a prompt-keyed trace gone quiet. The envelope's closed enum has no value for "quiet without a
+#: root" yet, so it reports ``root-ended-and-quiet`` (its ``completeness.root_seen`` is false: there are no spans).
+CLOSED_PROMPT_QUIET = CLOSED_QUIET
 
 _STATUS = {v: k.removeprefix("STATUS_CODE_") for k, v in Status.StatusCode.items()}
 _ZERO_TRACE = bytes(16)
@@ -73,12 +86,14 @@ class PoisonRecord(ValueError):
 
 @dataclass(slots=True)
 class TraceFacts:
-    """What one record says about one trace: its spans' facts, roots, and log record ids."""
+    """What one record says about one trace: its spans' facts, roots, and log record ids. ``prompt_keyed``: the
+    trace id is the synthetic one of log records without a trace id (see the module docstring)."""
 
     spans: dict[str, SpanFacts] = field(default_factory=dict)
     root_ended: bool = False
     root_seen: bool = False
     logs: set[LogId] = field(default_factory=set)
+    prompt_keyed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +110,8 @@ class StoredRecord:
 
 class Decoded(NamedTuple):
     """:func:`decode_record`'s result: trace id (32 hex) -> :class:`TraceFacts`, and the number of log records
-    without a trace id (they cannot be grouped by trace and are not assembled; counted in metrics)."""
+    with neither a trace id nor a ``prompt.id`` (they cannot be grouped and are not assembled; counted in
+    metrics)."""
 
     traces: dict[str, TraceFacts]
     untraced_logs: int = 0
@@ -114,17 +130,24 @@ def decode_record(rec: BusRecord) -> Decoded:
     out: dict[str, TraceFacts] = {}
     if signal == SIGNAL_LOGS:
         untraced = 0
+        may_have_prompts = b"prompt.id" in rec.value  # else no attribute needs reading (see receiver.split)
         for rl in data.resource_logs:
             for sl in rl.scope_logs:
                 for lr in sl.log_records:
-                    if not lr.trace_id or lr.trace_id == _ZERO_TRACE:  # OTLP: empty or all zeros = no trace
-                        untraced += 1
-                        continue
-                    if len(lr.trace_id) != 16:
+                    prompt_keyed = not lr.trace_id or lr.trace_id == _ZERO_TRACE  # OTLP: empty or zeros = no trace
+                    if prompt_keyed:
+                        tid = prompt_trace_id_of(lr.attributes) if may_have_prompts else None
+                        if tid is None:
+                            untraced += 1
+                            continue
+                    elif len(lr.trace_id) != 16:
                         raise PoisonRecord(f"log record trace id {lr.trace_id.hex()!r} is not 16 bytes")
+                    else:
+                        tid = lr.trace_id
                     name = lr.event_name or next((kv.value.string_value for kv in lr.attributes
                                                   if kv.key == "event.name"), "")
-                    facts = out.setdefault(lr.trace_id.hex(), TraceFacts())
+                    facts = out.setdefault(tid.hex(), TraceFacts())
+                    facts.prompt_keyed = facts.prompt_keyed or prompt_keyed
                     facts.logs.add((lr.span_id.hex(), lr.time_unix_nano, lr.observed_time_unix_nano,
                                     lr.severity_number, name))
         return Decoded(out, untraced)
@@ -145,6 +168,22 @@ def decode_record(rec: BusRecord) -> Decoded:
                     facts.root_seen = True
                     facts.root_ended = facts.root_ended or sp.end_time_unix_nano > 0
     return Decoded(out)
+
+
+def log_event_in_trace(event: "CanonicalLogEvent", trace_id: str) -> "CanonicalLogEvent | None":
+    """``event`` if it belongs to ``trace_id`` (32 hex), else ``None``: its own trace id is ``trace_id``, or it has
+    none (empty or all zeros) and its ``session.id`` + ``prompt.id`` give that synthetic id — then returned with
+    ``trace_id=""`` (an all-zero id normalized: it means "no trace" in OTLP). What :func:`decode_record` attributed
+    to the trace, for the envelope builder."""
+    own = event.trace_id
+    if own == trace_id:
+        return event
+    if own.strip("0"):
+        return None
+    tid = prompt_trace_id_of_dict(event.attributes)
+    if tid is None or tid.hex() != trace_id:
+        return None
+    return event.model_copy(update={"trace_id": ""}) if own else event
 
 
 def stored(rec: BusRecord) -> StoredRecord:
@@ -203,6 +242,7 @@ class OpenTrace:
     nbytes: int = 0
     new_records: int = 0
     prior: "Envelope | None" = None
+    prompt_keyed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +263,7 @@ class ClosedTrace:
     prior: "Envelope | None"
     root_ended: bool
     epoch: int
+    prompt_keyed: bool = False
 
 
 @dataclass(slots=True)
@@ -284,8 +325,10 @@ class AssemblerCore:
 
     def __init__(self, *, quiet_period_s: float = 5.0, max_wait_s: float = 300.0,
                  max_buffered_bytes: int = 256 * 1024 * 1024, remembered: int = 10_000,
-                 retained_bytes: int = 64 * 1024 * 1024, clock: Callable[[], float]) -> None:
+                 retained_bytes: int = 64 * 1024 * 1024, clock: Callable[[], float],
+                 prompt_quiet_period_s: float = 30.0) -> None:
         self.quiet_period_s = quiet_period_s
+        self.prompt_quiet_period_s = prompt_quiet_period_s
         self.max_wait_s = max_wait_s
         self.max_buffered_bytes = max_buffered_bytes
         self.remembered = remembered
@@ -404,6 +447,7 @@ class AssemblerCore:
             out.duplicate_logs += len(facts.logs) - len(fresh)
             trace.logs |= fresh
             trace.root_ended = trace.root_ended or facts.root_ended
+            trace.prompt_keyed = trace.prompt_keyed or facts.prompt_keyed
             if kept is None:
                 kept = stored(rec)
             trace.records.append(kept)
@@ -441,16 +485,24 @@ class AssemblerCore:
     # -- closing ------------------------------------------------------------------------------------------------
 
     def due(self) -> list[ClosedTrace]:
-        """Close every trace whose rule fired (quiet, max wait, then memory eviction oldest first)."""
+        """Close every trace whose rule fired (quiet, max wait, then memory eviction oldest first).
+
+        Quiet: a trace whose root ended, after ``quiet_period_s`` without new data; a prompt-keyed trace (log records
+        only, no root can ever come), after ``prompt_quiet_period_s``."""
         now = self.clock()
         out: list[ClosedTrace] = []
+        quiet, prompt_quiet = self.quiet_period_s, self.prompt_quiet_period_s
+        shortest = min(quiet, prompt_quiet)
         for state in list(self.partitions.values()):
             for trace_id in list(state.activity):
                 trace = state.open[trace_id]
-                if now - trace.last_seen < self.quiet_period_s:
+                idle = now - trace.last_seen
+                if idle < shortest:
                     break  # the rest were updated even later
-                if trace.root_ended:
+                if trace.root_ended and idle >= quiet:
                     out.append(self._close(state, trace, CLOSED_QUIET))
+                elif trace.prompt_keyed and not trace.spans and idle >= prompt_quiet:
+                    out.append(self._close(state, trace, CLOSED_PROMPT_QUIET))
             for trace in list(state.open.values()):
                 if now - trace.first_seen < self.max_wait_s:
                     break  # creation order: the rest are younger
@@ -476,7 +528,8 @@ class AssemblerCore:
             records=trace.records, prior=trace.prior, nbytes=trace.nbytes))
         return ClosedTrace(token=token, trace_id=trace.trace_id, partition=state.partition, version=trace.version,
                            reason=reason, records=tuple(trace.records), new_records=trace.new_records,
-                           prior=trace.prior, root_ended=trace.root_ended, epoch=state.epoch)
+                           prior=trace.prior, root_ended=trace.root_ended, epoch=state.epoch,
+                           prompt_keyed=trace.prompt_keyed)
 
     def acknowledge(self, closed: ClosedTrace) -> None:
         """The envelope of ``closed`` is durable (or dead-lettered): it no longer holds the watermark back."""

@@ -33,7 +33,7 @@ class AssemblerMetrics:
                                   "Spans / log records dropped as duplicates (exporter retries, replays).",
                                   ["kind"], registry=r)
         self.untraced_logs = Counter(p + "untraced_log_records_total",
-                                     "Log records without a trace id (not assembled).", registry=r)
+                                     "Log records with neither a trace id nor a prompt.id (not assembled).", registry=r)
         self.dlq = Counter(p + "dlq_records_total", "Records sent to the dead-letter topic.", ["cause"], registry=r)
         self.claim_checks = Counter(p + "claim_checks_total",
                                     "Envelopes stored in the artifact store (over the message limit).", registry=r)

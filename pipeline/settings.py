@@ -57,6 +57,10 @@ class AssemblerSettings(BaseSettings):
 
     quiet_period_s: float = Field(
         5.0, gt=0, description="Close a trace once its root span has ended and no new data came for this long.")
+    prompt_quiet_period_s: float = Field(
+        30.0, gt=0, description="Close a trace rebuilt from log records without a trace id (Claude Code events "
+                                "keyed by session.id + prompt.id: no spans, so no root) once no new data came for "
+                                "this long.")
     max_wait_s: float = Field(300.0, gt=0, description="Close a trace this long after its first data, whatever else.")
     max_buffered_bytes: int = Field(
         256 * MiB, ge=1, description="Memory bound: OTLP bytes of open traces; above it the oldest is closed early.")

@@ -5,12 +5,19 @@ A *record* is one trace's worth of OTLP data from one export request: the value 
 (signal ``logs``) protobuf, the key is the trace id as 32 lowercase hex characters (ASCII bytes), or ``None`` for
 log records that carry no trace id. This is the same wire form the OpenTelemetry Collector's Kafka exporter writes
 with ``encoding: otlp_proto`` and partitioning by trace id.
+
+One exception: log records without a trace id that carry a ``prompt.id`` attribute (Claude Code log events, semconv
+§2.7 "without traces, rebuild a run from logs by ``session.id`` + ``prompt.id``") are keyed by a *synthetic* trace id,
+:func:`prompt_trace_id` of their ``session.id`` and ``prompt.id``, so that every record of one prompt lands on one
+partition and the assembler rebuilds the prompt as one trace. The records themselves are left as sent (their
+``trace_id`` stays empty); the assembler recomputes the id from the same attributes rather than trusting the key.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 SIGNAL_TRACES = "traces"
 SIGNAL_LOGS = "logs"
@@ -29,11 +36,53 @@ HEADER_CONTENT_TYPE = "content-type"
 HEADER_TRANSPORT = "transport"  # otlp-http | otlp-grpc: the envelope's source kind
 
 
+#: Domain-separation prefix of :func:`prompt_trace_id` (a synthetic id can never equal a hash of anything else).
+PROMPT_TRACE_ID_DOMAIN = b"claude-code-prompt:"
+PROMPT_ID_ATTRIBUTE = "prompt.id"
+SESSION_ID_ATTRIBUTE = "session.id"
+
+
+def prompt_trace_id(session_id: str, prompt_id: str) -> bytes:
+    """The synthetic 16-byte trace id of a prompt: the first 16 bytes of
+    ``sha256(b"claude-code-prompt:" + session.id + b"\\0" + prompt.id)`` (both UTF-8; ``session.id`` may be ``""``
+    since Claude Code omits it when ``OTEL_METRICS_INCLUDE_SESSION_ID=false``; ``prompt.id`` is a UUID on its own).
+
+    Deterministic, so the receiver (Kafka key) and the assembler (trace id) agree without sharing state, and a
+    consumer can recompute it from an envelope's log events.
+    """
+    digest = hashlib.sha256(PROMPT_TRACE_ID_DOMAIN + session_id.encode() + b"\0" + prompt_id.encode()).digest()
+    return digest[:16]
+
+
+def prompt_trace_id_of(attributes: Iterable[Any]) -> bytes | None:
+    """:func:`prompt_trace_id` of an OTLP ``KeyValue`` list (a log record's ``attributes``), or ``None`` when it has
+    no non-empty string ``prompt.id``. Only string values count; for a repeated key the last one wins (as in
+    ``normalizers.canonical.attributes``), so this agrees with :func:`prompt_trace_id_of_dict` on the same record."""
+    session_id = prompt_id = ""
+    for kv in attributes:
+        key = kv.key
+        if key == PROMPT_ID_ATTRIBUTE:
+            prompt_id = kv.value.string_value
+        elif key == SESSION_ID_ATTRIBUTE:
+            session_id = kv.value.string_value
+    return prompt_trace_id(session_id, prompt_id) if prompt_id else None
+
+
+def prompt_trace_id_of_dict(attributes: Mapping[str, Any]) -> bytes | None:
+    """:func:`prompt_trace_id_of` for decoded attributes (``dict`` of JSON values, e.g. a canonical log event's)."""
+    prompt_id = attributes.get(PROMPT_ID_ATTRIBUTE)
+    if not isinstance(prompt_id, str) or not prompt_id:
+        return None
+    session_id = attributes.get(SESSION_ID_ATTRIBUTE)
+    return prompt_trace_id(session_id if isinstance(session_id, str) else "", prompt_id)
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """One per-trace OTLP batch.
 
-    ``key``: trace id as 32 lowercase hex ASCII bytes, or ``None`` (log records without a trace id).
+    ``key``: trace id as 32 lowercase hex ASCII bytes (for log records without a trace id but with ``prompt.id``:
+    the synthetic :func:`prompt_trace_id`), or ``None`` (other log records without a trace id).
     ``value``: serialized ``TracesData`` / ``LogsData`` protobuf bytes.
     ``signal``: :data:`SIGNAL_TRACES` or :data:`SIGNAL_LOGS`.
     ``item_count``: spans (traces) or log records (logs) inside ``value``; used for metrics only.

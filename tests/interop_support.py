@@ -37,6 +37,7 @@ from sinks.base import (
     HEADER_TRANSPORT,
     SPANS_TOPIC,
     VALUE_CONTENT_TYPE,
+    prompt_trace_id_of,
 )
 from sinks.local_log import LOG_FILENAME, LocalLogReader
 
@@ -173,7 +174,8 @@ def spans_of(records: Sequence[Landed]) -> list[LandedSpan]:
 
 def log_records_of(records: Sequence[Landed]) -> list[LandedSpan]:
     """Every log record in the ``logs`` records (``.span`` holds the LogRecord), checking keys: the trace id hex
-    of each log record inside, or None for records whose log records carry no trace id."""
+    of each log record inside; for records without a trace id, the synthetic prompt trace id of their
+    ``session.id`` + ``prompt.id`` (``sinks.base.prompt_trace_id``), or None when they have no ``prompt.id``."""
     out = []
     for rec in records:
         if rec.signal != "logs":
@@ -182,7 +184,11 @@ def log_records_of(records: Sequence[Landed]) -> list[LandedSpan]:
         for rl in data.resource_logs:
             for sl in rl.scope_logs:
                 for lr in sl.log_records:
-                    expected_key = lr.trace_id.hex() if lr.trace_id.strip(b"\0") else None
+                    if lr.trace_id.strip(b"\0"):
+                        expected_key = lr.trace_id.hex()
+                    else:
+                        prompt_key = prompt_trace_id_of(lr.attributes)
+                        expected_key = prompt_key.hex() if prompt_key else None
                     assert rec.key == expected_key, (
                         f"{rec.where}: key {rec.key!r} but log record {lr.body.string_value!r} has trace id "
                         f"{lr.trace_id.hex()!r}")

@@ -171,7 +171,7 @@ def _assembler_options(func):
 
 @main.group()
 def worker() -> None:
-    """Pipeline stages as long-running consumer-group workers (one Deployment per stage in a cluster)."""
+    """Pipeline stages as long-running consumer-group workers (one StatefulSet per stage in a cluster)."""
 
 
 @worker.command("assemble")

@@ -103,3 +103,25 @@ securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/*
+Name of the assembler's StatefulSet (and its Service, PDB, HPA, ScaledObject, ServiceMonitor). A StatefulSet name
+must leave room for the pods' controller-revision-hash label (<name>-<10-char hash> within 63 characters), so it is
+limited to 52 characters; failing beats silently truncating a name that other objects refer to.
+*/}}
+{{- define "trace-source.assemblerName" -}}
+{{- $name := printf "%s-assembler" (include "trace-source.fullname" .) }}
+{{- if gt (len $name) 52 }}
+{{- fail (printf "the assembler StatefulSet name %q is longer than 52 characters; set a shorter release name or fullnameOverride (at most 42 characters)" $name) }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/* Upper replica bound of an autoscaled consumer group: the value, or topics.partitions when null. */}}
+{{- define "trace-source.maxConsumers" -}}
+{{- $max := .max }}
+{{- if kindIs "invalid" $max }}
+{{- $max = .root.Values.topics.partitions }}
+{{- end }}
+{{- $max }}
+{{- end }}
