@@ -43,6 +43,7 @@ from sinks.base import HEADER_RECEIVED_AT, HEADER_SIGNAL, HEADER_SOURCE_ID, HEAD
 log = structlog.get_logger(__name__)
 
 _BACKOFF_START_S = 0.2
+_EMIT_CHUNK = 64  # envelopes built and published per round
 _BACKOFF_MAX_S = 10.0
 
 
@@ -202,10 +203,11 @@ class Assembler:
     # -- output ---------------------------------------------------------------------------------------------------
 
     async def _emit(self, closed: list[ClosedTrace]) -> None:
-        if not closed:
-            return
-        built = await asyncio.to_thread(self._build_all, closed)
-        await asyncio.gather(*(self._publish(c, env_or_error) for c, env_or_error in built))
+        # In chunks: catching up on a backlog can close thousands of traces in one step, and publishing them all
+        # at once made sends time out (retries, no loss, but slower than a steady stream of bounded batches).
+        for i in range(0, len(closed), _EMIT_CHUNK):
+            built = await asyncio.to_thread(self._build_all, closed[i:i + _EMIT_CHUNK])
+            await asyncio.gather(*(self._publish(c, env_or_error) for c, env_or_error in built))
 
     def _build_all(self, closed: list[ClosedTrace]) -> list[tuple[ClosedTrace, Envelope | Exception]]:
         out: list[tuple[ClosedTrace, Envelope | Exception]] = []
