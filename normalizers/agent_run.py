@@ -16,6 +16,7 @@ All fields have defaults so ``AgentRun()`` is a valid empty run.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -177,6 +178,7 @@ _STEP_KINDS = frozenset({"llm", "tool", "embedding", "retriever"})
 _TERMINAL = frozenset({"stop", "end_turn", "stop_sequence"})
 _USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
                  "reasoning_tokens")
+_usage_values = attrgetter(*_USAGE_FIELDS)
 
 
 def build_agent_run(spans: list[CanonicalSpan], log_events: list[CanonicalLogEvent]) -> AgentRun:
@@ -211,10 +213,11 @@ def build_agent_run(spans: list[CanonicalSpan], log_events: list[CanonicalLogEve
 
     run_view = next((v for v in shallow if v.kind in _RUN_KINDS), None)
     drafts = _llm_drafts(views, facts, by_id)  # normalized dicts, in start order: text rules read these
-    llm_calls = [LlmCall.model_validate(d) for d in drafts]
+    validate = LlmCall.__pydantic_validator__.validate_python  # LlmCall.model_validate, minus its wrapper
+    llm_calls = [validate(d) for d in drafts]
     errors, span_error = _errors(views, facts, run_view, depth)
     for call in llm_calls:
-        call.error = span_error.get(call.span_id)
+        _assign(call, {"error": span_error.get(call.span_id)})
     tool_calls = _tool_calls(views, facts, llm_calls, span_error)
 
     # Run-level inputs: the shallowest run span, else a trace root that is not itself one step.
@@ -250,6 +253,13 @@ def _first(values) -> Any:
     return next((v for v in values if v), None)
 
 
+def _assign(model: BaseModel, values: dict[str, Any]) -> None:
+    """``setattr(model, name, value)`` for each item, as pydantic does it for a plain field of a model without
+    ``validate_assignment`` (value stored as is, field marked set), minus the per-call attribute dispatch."""
+    model.__dict__.update(values)
+    model.__pydantic_fields_set__.update(values)
+
+
 def _depths(by_id: dict[str, CanonicalSpan]) -> dict[str, int]:
     """Span id -> depth below the trace root; a span whose parent is not in the trace counts as a root, and a
     parent cycle is cut where it closes."""
@@ -278,10 +288,12 @@ def _llm_drafts(views: dict[str, SpanView], facts: LogFacts,
         if view.kind != "llm":
             continue
         d = dict(view.llm)
-        for key, value in facts.llm.get(sid, {}).items():
-            put(d, key, value)
-        d.update(span_id=sid, start_time_unix_nano=view.span.start_time_unix_nano,
-                 end_time_unix_nano=view.span.end_time_unix_nano)
+        if extra := facts.llm.get(sid):
+            for key, value in extra.items():
+                put(d, key, value)
+        d["span_id"] = sid
+        d["start_time_unix_nano"] = view.span.start_time_unix_nano
+        d["end_time_unix_nano"] = view.span.end_time_unix_nano
         drafts.append(d)
     for key, d in facts.llm.items():
         sid = d.get("span_id", "")
@@ -373,7 +385,8 @@ def _tool_calls(views: dict[str, SpanView], facts: LogFacts, llm_calls: list[Llm
         for key in ("name", "call_id", "arguments", "error"):
             put(target, key, t.get(key))
     drafts.sort(key=lambda d: d["start_time_unix_nano"])
-    return [ToolCall.model_validate(d) for d in drafts]
+    validate = ToolCall.__pydantic_validator__.validate_python  # ToolCall.model_validate, minus its wrapper
+    return [validate(d) for d in drafts]
 
 
 def _join_message_tools(drafts: list[dict[str, Any]], llm_calls: list[LlmCall]) -> None:
@@ -437,8 +450,12 @@ def _usage(llm_calls: list[LlmCall], tool_calls: list[ToolCall], shallow: list[S
     call_ids = {c.span_id for c in llm_calls if c.span_id in by_id}
     wrappers: set[str] = set()  # LLM calls with an LLM-call descendant
     covered: set[str] = set()  # LLM calls with a token-reporting LLM-call descendant
+    reported: list[tuple[LlmCall, tuple]] = []  # calls reporting tokens, with their _USAGE_FIELDS values
     for c in llm_calls:
-        reports = any(getattr(c, f) is not None for f in _USAGE_FIELDS)
+        values = _usage_values(c)
+        reports = values.count(None) != len(values)  # validated ints never equal None
+        if reports:
+            reported.append((c, values))
         seen = {c.span_id}
         cur = by_id[c.span_id].parent_span_id if c.span_id in by_id else ""
         while cur in by_id and cur not in seen:
@@ -450,18 +467,20 @@ def _usage(llm_calls: list[LlmCall], tool_calls: list[ToolCall], shallow: list[S
             cur = by_id[cur].parent_span_id
     usage = Usage(llm_call_count=sum(1 for c in llm_calls if c.span_id not in wrappers),
                   tool_call_count=len(tool_calls))
-    counted = [c for c in llm_calls if c.span_id not in covered
-               and any(getattr(c, f) is not None for f in _USAGE_FIELDS)]
+    counted = [(c, values) for c, values in reported if c.span_id not in covered]
     if counted:
-        for c in counted:
-            for f in _USAGE_FIELDS:
-                setattr(usage, f, getattr(usage, f) + (getattr(c, f) or 0))
-            usage.total_tokens += (c.total_tokens if c.total_tokens is not None
-                                   else (c.input_tokens or 0) + (c.output_tokens or 0))
+        sums = [getattr(usage, f) for f in _USAGE_FIELDS]
+        total = usage.total_tokens
+        for c, values in counted:
+            for i, v in enumerate(values):
+                sums[i] = sums[i] + (v or 0)
+            total += (c.total_tokens if c.total_tokens is not None
+                      else (c.input_tokens or 0) + (c.output_tokens or 0))
+        _assign(usage, {**dict(zip(_USAGE_FIELDS, sums)), "total_tokens": total})
         return usage
     aggregate = _first(v.aggregate_usage for v in shallow)
     if aggregate:
-        for f in _USAGE_FIELDS:
-            setattr(usage, f, aggregate.get(f) or 0)
-        usage.total_tokens = aggregate.get("total_tokens") or usage.input_tokens + usage.output_tokens
+        sums = {f: aggregate.get(f) or 0 for f in _USAGE_FIELDS}
+        sums["total_tokens"] = aggregate.get("total_tokens") or sums["input_tokens"] + sums["output_tokens"]
+        _assign(usage, sums)
     return usage

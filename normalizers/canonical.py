@@ -18,13 +18,14 @@ Pure functions, no I/O. Raises ``google.protobuf.message.DecodeError`` for bytes
 from __future__ import annotations
 
 import base64
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogsData
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status, TracesData
 from pydantic import BaseModel, Field
 
+_M = TypeVar("_M", bound=BaseModel)
 _KIND_NAMES = {v: k.removeprefix("SPAN_KIND_") for k, v in Span.SpanKind.items()}
 _STATUS_NAMES = {v: k.removeprefix("STATUS_CODE_") for k, v in Status.StatusCode.items()}
 
@@ -49,9 +50,17 @@ def any_value(v: AnyValue) -> Any:
     return base64.b64encode(v.bytes_value).decode()
 
 
+_SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_value"})
+
+
 def attributes(kvs: Iterable) -> dict[str, Any]:
     """Repeated ``KeyValue`` -> ``dict[str, Any]`` (last value wins for a repeated key)."""
-    return {kv.key: any_value(kv.value) for kv in kvs}
+    out: dict[str, Any] = {}
+    for kv in kvs:
+        v = kv.value
+        which = v.WhichOneof("value")
+        out[kv.key] = getattr(v, which) if which in _SCALARS else any_value(v)
+    return out
 
 
 class Scope(BaseModel):
@@ -117,36 +126,60 @@ class CanonicalLogEvent(BaseModel):
     scope: Scope = Field(default_factory=Scope)
 
 
+_new = object.__new__
+_setattr = object.__setattr__
+
+
+def trusted(cls: type[_M], values: dict[str, Any]) -> _M:
+    """A model of ``cls`` holding ``values`` without validation, as ``cls(**values)`` would build it: ``values`` must
+    hold every field of ``cls`` in declaration order, each already of its field's type (the decoders below build
+    them so; nested models as instances). The dict becomes the model's ``__dict__``; every field counts as set.
+    For models without extra fields or private attributes (the canonical ones)."""
+    m = _new(cls)
+    _setattr(m, "__dict__", values)
+    _setattr(m, "__pydantic_fields_set__", set(values))
+    _setattr(m, "__pydantic_extra__", None)
+    _setattr(m, "__pydantic_private__", None)
+    return m
+
+
 def _scope(s) -> Scope:
-    return Scope(name=s.name, version=s.version, attributes=attributes(s.attributes))
+    return trusted(Scope, {"name": s.name, "version": s.version, "attributes": attributes(s.attributes)})
 
 
 def spans_from_traces_data(data: TracesData | bytes) -> list[CanonicalSpan]:
-    """All spans of a ``TracesData`` (message or serialized bytes), in order."""
+    """All spans of a ``TracesData`` (message or serialized bytes), in order.
+
+    Spans of one resource (scope) share its attribute dict (``Scope`` instance): models are built without
+    validation (:func:`trusted`), the decoded values having the field types already; nothing modifies them."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         data = TracesData.FromString(bytes(data))
     out: list[CanonicalSpan] = []
+    kinds, statuses = _KIND_NAMES, _STATUS_NAMES
     for rs in data.resource_spans:
         resource = attributes(rs.resource.attributes)
         for ss in rs.scope_spans:
             scope = _scope(ss.scope)
             for sp in ss.spans:
-                out.append(CanonicalSpan(
-                    trace_id=sp.trace_id.hex(), span_id=sp.span_id.hex(), parent_span_id=sp.parent_span_id.hex(),
-                    name=sp.name, kind=_KIND_NAMES.get(sp.kind, "UNSPECIFIED"),
-                    start_time_unix_nano=sp.start_time_unix_nano, end_time_unix_nano=sp.end_time_unix_nano,
-                    status_code=_STATUS_NAMES.get(sp.status.code, "UNSET"), status_message=sp.status.message,
-                    attributes=attributes(sp.attributes),
-                    events=[SpanEvent(name=e.name, time_unix_nano=e.time_unix_nano,
-                                      attributes=attributes(e.attributes)) for e in sp.events],
-                    links=[SpanLink(trace_id=lk.trace_id.hex(), span_id=lk.span_id.hex(),
-                                    attributes=attributes(lk.attributes)) for lk in sp.links],
-                    resource=resource, scope=scope))
+                status = sp.status
+                out.append(trusted(CanonicalSpan, {
+                    "trace_id": sp.trace_id.hex(), "span_id": sp.span_id.hex(),
+                    "parent_span_id": sp.parent_span_id.hex(), "name": sp.name,
+                    "kind": kinds.get(sp.kind, "UNSPECIFIED"),
+                    "start_time_unix_nano": sp.start_time_unix_nano, "end_time_unix_nano": sp.end_time_unix_nano,
+                    "status_code": statuses.get(status.code, "UNSET"), "status_message": status.message,
+                    "attributes": attributes(sp.attributes),
+                    "events": [trusted(SpanEvent, {"name": e.name, "time_unix_nano": e.time_unix_nano,
+                                                   "attributes": attributes(e.attributes)}) for e in sp.events],
+                    "links": [trusted(SpanLink, {"trace_id": lk.trace_id.hex(), "span_id": lk.span_id.hex(),
+                                                 "attributes": attributes(lk.attributes)}) for lk in sp.links],
+                    "resource": resource, "scope": scope}))
     return out
 
 
 def log_events_from_logs_data(data: LogsData | bytes) -> list[CanonicalLogEvent]:
-    """All log records of a ``LogsData`` (message or serialized bytes), in order."""
+    """All log records of a ``LogsData`` (message or serialized bytes), in order (models built as in
+    :func:`spans_from_traces_data`)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         data = LogsData.FromString(bytes(data))
     out: list[CanonicalLogEvent] = []
@@ -156,10 +189,10 @@ def log_events_from_logs_data(data: LogsData | bytes) -> list[CanonicalLogEvent]
             scope = _scope(sl.scope)
             for rec in sl.log_records:
                 attrs = attributes(rec.attributes)
-                out.append(CanonicalLogEvent(
-                    trace_id=rec.trace_id.hex(), span_id=rec.span_id.hex(), time_unix_nano=rec.time_unix_nano,
-                    observed_time_unix_nano=rec.observed_time_unix_nano,
-                    event_name=rec.event_name or str(attrs.get("event.name", "")),
-                    severity_number=rec.severity_number, severity_text=rec.severity_text,
-                    body=any_value(rec.body), attributes=attrs, resource=resource, scope=scope))
+                out.append(trusted(CanonicalLogEvent, {
+                    "trace_id": rec.trace_id.hex(), "span_id": rec.span_id.hex(),
+                    "time_unix_nano": rec.time_unix_nano, "observed_time_unix_nano": rec.observed_time_unix_nano,
+                    "event_name": rec.event_name or str(attrs.get("event.name", "")),
+                    "severity_number": rec.severity_number, "severity_text": rec.severity_text,
+                    "body": any_value(rec.body), "attributes": attrs, "resource": resource, "scope": scope}))
     return out

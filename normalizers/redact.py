@@ -29,6 +29,10 @@ attributes repeat on every span and log event, and every occurrence is counted.
 Conventions: key formats as the providers publish them (the prefixes GitHub secret scanning and gitleaks also look
 for); ``key=value`` / ``"key": "value"`` assignment rules in the style of gitleaks. Text shorter than
 :data:`MIN_TEXT_LENGTH` is not scanned (no rule can match it), which keeps the many short attribute values cheap.
+Each rule also names what all its matches contain (:class:`TextRule` ``gate``/``needles``): a text is scanned only
+for the rules whose substrings it holds, so most prose and JSON needs no regex pass at all, with the same result as
+scanning for every rule (``tests/test_redact.py`` compares the two). A :class:`Redactor` remembers its results for
+short strings (names, models, ids), which repeat across traces.
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ SECRET_ATTRIBUTE_RULE = "secret-attribute"
 MIN_TEXT_LENGTH = 5
 
 _MASK_FORMAT = "[REDACTED:{}]"
+# The only non-ASCII characters that Python's re matches case-insensitively to an ASCII letter (U+0130 and U+0131 to
+# i, U+017F to s, U+212A to k): text holding one is scanned without the prefilter (Redactor._pattern_for).
+_FOLDS_TO_ASCII = ("\u0130", "\u0131", "\u017f", "\u212a")
+# Redactor memo bounds: strings up to this length are remembered across passes (see Redactor._text); a memo that
+# reaches _MEMO_SIZE entries starts over.
+_MEMO_MAX_LENGTH = 128
+_MEMO_SIZE = 8192
 _MASK_RE = re.compile(r"\[REDACTED:[a-z0-9-]+\]")
 
 
@@ -70,6 +81,12 @@ class TextRule(NamedTuple):
     name: str
     first: str
     rest: str
+    #: Prefilter (an optimization only; see :meth:`Redactor._pattern_for`): a match of this rule contains at least one
+    #: character of ``gate`` (when set) and at least one of ``needles`` (when set). A needle with an upper-case
+    #: letter is compared as is, one without against the lower-cased text (so it also covers ``(?i:...)`` parts).
+    #: Both must hold for *every* possible match; a rule with neither is always scanned for.
+    gate: str = ""
+    needles: tuple[str, ...] = ()
 
 
 # After a one-character ``first``: it starts a word (no letter/digit before it) or a camelCase word ("clientSecret").
@@ -94,35 +111,43 @@ def _assignment(keyword_rest: str, bare_min: int) -> str:
 TEXT_RULES: tuple[TextRule, ...] = (
     # A PEM block; a truncated one (no END line, e.g. a clipped attribute) is masked to the end of its base64 body.
     TextRule("private-key", "-", r"----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?:(?s:.*?)-----END[A-Z0-9 ]*"
-                                 r"PRIVATE KEY(?: BLOCK)?-----|(?:[A-Za-z0-9+/=:,\t\r\n -]|\\[nrt])*)"),
-    TextRule("anthropic-api-key", "s", r"(?<![A-Za-z0-9_-].)k-ant-[A-Za-z0-9_-]{20,}"),
-    TextRule("openai-api-key", "s", r"(?<![A-Za-z0-9_-].)k-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"),
-    TextRule("aws-access-key-id", "A", r"(?<![A-Za-z0-9].)(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
-    TextRule("github-token", "g", r"(?<![A-Za-z0-9_].)(?:h[pousr]_[A-Za-z0-9]{36,}|ithub_pat_[A-Za-z0-9_]{22,})"),
-    TextRule("slack-token", "x", r"(?<![A-Za-z0-9].)ox[abposr]-[A-Za-z0-9-]{10,}"),
-    TextRule("google-api-key", "A", r"(?<![A-Za-z0-9_-].)Iza[0-9A-Za-z_-]{35}"),
-    TextRule("stripe-api-key", "rs", r"(?<![A-Za-z0-9].)k_(?:live|test)_[A-Za-z0-9]{16,}"),
-    TextRule("huggingface-token", "h", r"(?<![A-Za-z0-9_].)f_[A-Za-z0-9]{30,}"),
+                                 r"PRIVATE KEY(?: BLOCK)?-----|(?:[A-Za-z0-9+/=:,\t\r\n -]|\\[nrt])*)",
+             "-", ("-----BEGIN",)),
+    TextRule("anthropic-api-key", "s", r"(?<![A-Za-z0-9_-].)k-ant-[A-Za-z0-9_-]{20,}", "-", ("sk-",)),
+    TextRule("openai-api-key", "s", r"(?<![A-Za-z0-9_-].)k-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
+             "-", ("sk-",)),
+    TextRule("aws-access-key-id", "A", r"(?<![A-Za-z0-9].)(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}(?![A-Za-z0-9])",
+             "A", ("AKIA", "ASIA", "ABIA", "ACCA")),
+    TextRule("github-token", "g", r"(?<![A-Za-z0-9_].)(?:h[pousr]_[A-Za-z0-9]{36,}|ithub_pat_[A-Za-z0-9_]{22,})",
+             "_", ("gh", "github_pat_")),
+    TextRule("slack-token", "x", r"(?<![A-Za-z0-9].)ox[abposr]-[A-Za-z0-9-]{10,}", "-", ("xox",)),
+    TextRule("google-api-key", "A", r"(?<![A-Za-z0-9_-].)Iza[0-9A-Za-z_-]{35}", "A", ("AIza",)),
+    TextRule("stripe-api-key", "rs", r"(?<![A-Za-z0-9].)k_(?:live|test)_[A-Za-z0-9]{16,}", "_", ("k_",)),
+    TextRule("huggingface-token", "h", r"(?<![A-Za-z0-9_].)f_[A-Za-z0-9]{30,}", "_", ("hf_",)),
     # Header or header-like text ("Authorization: Basic ..."); the scheme word stays readable.
     TextRule("authorization-header", "Aa", _WORD_START + r"(?i:uthorization)\\?[\"']?[ \t]*[:=][ \t]*\\?[\"']?"
-             r"(?:(?i:basic|bearer|digest|token|negotiate|ntlm)[ \t]+)?(?P<v>[^\s\"'\\,;]{8,})"),
+             r"(?:(?i:basic|bearer|digest|token|negotiate|ntlm)[ \t]+)?(?P<v>[^\s\"'\\,;]{8,})", ":=",
+             ("authorization",)),
     # RFC 6750 token characters, 16+ of them (real tokens are long, while "Bearer of bad news" must stay), not
     # ending in "." (the end of a sentence).
-    TextRule("bearer-token", "Bb", r"(?<![A-Za-z0-9].)(?i:earer)[ \t]+(?P<v>[A-Za-z0-9._~+/-]{15,}[A-Za-z0-9_~+/-]=*)"),
-    TextRule("jwt", "e", r"(?<![A-Za-z0-9_-].)yJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"),
+    TextRule("bearer-token", "Bb", r"(?<![A-Za-z0-9].)(?i:earer)[ \t]+(?P<v>[A-Za-z0-9._~+/-]{15,}[A-Za-z0-9_~+/-]=*)",
+             " \t", ("bearer",)),
+    TextRule("jwt", "e", r"(?<![A-Za-z0-9_-].)yJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*", "J",
+             (".eyJ",)),
     # scheme://user:password@host: anchored on "://" (a scheme-first rule would be tried at every letter); the user
     # name stays.
-    TextRule("url-password", ":", r"//[^\s/?#@:\"'\\]*:(?P<v>[^\s/?#@\"'\\]+)@"),
+    TextRule("url-password", ":", r"//[^\s/?#@:\"'\\]*:(?P<v>[^\s/?#@\"'\\]+)@", "@", ("://",)),
     TextRule("url-query-secret", "?&",
-             r"(?i:token|sig|signature|x-amz-signature|x-amz-security-token|x-goog-signature)=(?P<v>[^&\s\"'\\#]+)"),
-    TextRule("password", "Pp", _assignment(r"ass(?:word|wd|phrase)|wd", 1)),
-    TextRule("generic-api-key", "Aa", _assignment(r"pi[_-]?key", 8)),
+             r"(?i:token|sig|signature|x-amz-signature|x-amz-security-token|x-goog-signature)=(?P<v>[^&\s\"'\\#]+)",
+             "=", ("token=", "sig=", "signature=")),
+    TextRule("password", "Pp", _assignment(r"ass(?:word|wd|phrase)|wd", 1), ":=", ("pass", "pwd")),
+    TextRule("generic-api-key", "Aa", _assignment(r"pi[_-]?key", 8), ":=", ("api",)),
     # Plain "token" is left out: {"token": "Hello", "logprob": -0.1} is model output, not a credential.
-    TextRule("secret-assignment", "Ss", _assignment(r"ecret|ession[_-]?token", 8)),
-    TextRule("secret-assignment", "Pp", _assignment(r"rivate[_-]?key", 8)),
-    TextRule("secret-assignment", "Aa", _assignment(r"(?:ccess|uth|pi)[_-]?token", 8)),
-    TextRule("secret-assignment", "Rr", _assignment(r"efresh[_-]?token", 8)),
-    TextRule("secret-assignment", "Ii", _assignment(r"d[_-]?token", 8)),
+    TextRule("secret-assignment", "Ss", _assignment(r"ecret|ession[_-]?token", 8), ":=", ("secret", "session")),
+    TextRule("secret-assignment", "Pp", _assignment(r"rivate[_-]?key", 8), ":=", ("private",)),
+    TextRule("secret-assignment", "Aa", _assignment(r"(?:ccess|uth|pi)[_-]?token", 8), ":=", ("token",)),
+    TextRule("secret-assignment", "Rr", _assignment(r"efresh[_-]?token", 8), ":=", ("refresh",)),
+    TextRule("secret-assignment", "Ii", _assignment(r"d[_-]?token", 8), ":=", ("token",)),
 )
 
 #: Every rule name a :class:`RedactionConfig` can disable.
@@ -200,6 +225,8 @@ class _Tally:
         self.by_allow = 0
         self.by_deny = 0
         self.seen: dict[str, tuple[str, Counter[str] | None]] = {}
+        # id(map) -> (map, result, masked counts, dropped by allow list, dropped by deny list); see _shared_attributes.
+        self.shared: dict[int, tuple[dict, dict, Counter[str] | None, int, int]] = {}
 
     def report(self, masking_applied: bool, base: RedactionReport | None = None) -> RedactionReport:
         masked = self.masked.copy()
@@ -226,11 +253,29 @@ class Redactor:
         # One alternation scanned once per string, one branch per (rule, first character) in rule order: branch k is
         # "<char>(?P<r{k}>rest)", so "r{k}" is the last group to close and names the branch; the secret part (if
         # any) is group "v{k}".
-        branches = [(r.name, c, r.rest) for r in rules for c in r.first]
-        self._branch_rule = [name for name, _, _ in branches]
-        self._text_re = re.compile("|".join(
-            f"{re.escape(c)}(?P<r{k}>{rest.replace('(?P<v>', f'(?P<v{k}>')})"
-            for k, (_, c, rest) in enumerate(branches))) if branches else None
+        branches = [(r, c) for r in rules for c in r.first]
+        self._branch_rule = [r.name for r, _ in branches]
+        self._branch_source = [f"{re.escape(c)}(?P<r{k}>{r.rest.replace('(?P<v>', f'(?P<v{k}>')})"
+                               for k, (r, c) in enumerate(branches)]
+        self._text_re = re.compile("|".join(self._branch_source)) if branches else None
+        # Prefilter (see _pattern_for), on bit masks of branches: rules without a prefilter are always scanned for;
+        # the others are grouped by gate, each needle (as is / lower-cased) naming the branches it makes possible.
+        self._always = 0
+        groups: dict[str, dict[str, int]] = {}
+        for k, (r, _) in enumerate(branches):
+            if not r.gate and not r.needles:
+                self._always |= 1 << k
+            for needle in r.needles or (("",) if r.gate else ()):
+                needles = groups.setdefault(r.gate, {})
+                needles[needle] = needles.get(needle, 0) | 1 << k
+        self._prefilter = tuple(
+            (tuple(gate), tuple((n, bits) for n, bits in needles.items() if n != n.lower()),
+             tuple((n, bits) for n, bits in needles.items() if n == n.lower()))
+            for gate, needles in groups.items())
+        self._subset_re: dict[int, re.Pattern] = {}
+        # _text results of short strings (see _text), and key -> "values under it are masked whole".
+        self._memo: dict[str, tuple[str, Counter[str] | None]] = {}
+        self._secret_keys: dict[str, bool] = {}
         self._mask_keys = self.config.mask_secrets and SECRET_ATTRIBUTE_RULE not in self.config.disabled_rules
         # None = no list, so the common no-lists case skips rebuilding every attribute map.
         self._denied = _glob_matcher(self.config.deny_attributes) if self.config.deny_attributes else None
@@ -247,16 +292,58 @@ class Redactor:
     def _text(self, text: str, tally: _Tally) -> str:
         if self._text_re is None or len(text) < MIN_TEXT_LENGTH:
             return text
-        hit = tally.seen.get(text)
+        # Short strings (names, models, ids) repeat across traces: remembered by the redactor; longer ones per pass.
+        memo = self._memo if len(text) <= _MEMO_MAX_LENGTH else tally.seen
+        hit = memo.get(text)
         if hit is None:
-            counts: Counter[str] = Counter()
-            masked = self._text_re.sub(lambda m: self._replace(m, counts), text)
-            # The same object when nothing was masked: callers detect "unchanged" by identity.
-            hit = (masked, counts) if counts else (text, None)
-            tally.seen[text] = hit
-        if hit[1]:
-            tally.masked.update(hit[1])
+            pattern = self._pattern_for(text)
+            if pattern is None:
+                hit = (text, None)
+            else:
+                counts: Counter[str] = Counter()
+                masked = pattern.sub(lambda m: self._replace(m, counts), text)
+                hit = (masked, counts) if counts else (text, None)
+            if memo is self._memo and len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[text] = hit
+        if hit[1] is None:
+            # The same object when nothing was masked (callers detect "unchanged" by identity): this very one, as an
+            # equal string seen before may be another object.
+            return text
+        tally.masked.update(hit[1])
         return hit[0]
+
+    def _pattern_for(self, text: str) -> re.Pattern | None:
+        """The alternation of only those branches that can match somewhere in ``text``, by the rules' prefilters
+        (:class:`TextRule` ``gate``/``needles``); ``None`` when none can. Dropping a branch that matches nowhere
+        changes no match of the alternation, so the result equals scanning with the full one. Lower-cased needles
+        are looked up in ``text.lower()``, which covers every ``(?i:...)`` match unless ``text`` holds one of the
+        four non-ASCII characters Python's ``re`` folds onto ASCII letters: then the full alternation is used."""
+        if not text.isascii() and any(c in text for c in _FOLDS_TO_ASCII):
+            return self._text_re
+        lower = text.lower()
+        possible = self._always
+        for gate, as_is, lowered in self._prefilter:
+            if gate:
+                for c in gate:
+                    if c in text:
+                        break
+                else:
+                    continue
+            for needle, bits in as_is:
+                if needle in text:
+                    possible |= bits
+            for needle, bits in lowered:
+                if needle in lower:
+                    possible |= bits
+        if not possible:
+            return None
+        pattern = self._subset_re.get(possible)
+        if pattern is None:
+            pattern = re.compile("|".join(src for k, src in enumerate(self._branch_source) if possible >> k & 1))
+            if len(self._subset_re) < 1024:
+                self._subset_re[possible] = pattern
+        return pattern
 
     def _replace(self, m: re.Match, counts: Counter[str]) -> str:
         k = int(m.lastgroup[1:])  # "r{k}" encloses "v{k}", so it is the last group to close
@@ -289,10 +376,47 @@ class Redactor:
             out = [self._value(x, secret, tally) for x in value]
             return value if all(a is b for a, b in zip(out, value)) else out
         if isinstance(value, dict):
-            out_d = {k: self._value(x, secret or (self._mask_keys and is_secret_key(k)), tally)
-                     for k, x in value.items()}
-            return value if all(out_d[k] is x for k, x in value.items()) else out_d
+            return self._dict(value, secret, tally)
         return value
+
+    def _secret_key(self, key: str) -> bool:
+        s = self._secret_keys.get(key)
+        if s is None:
+            s = bool(self._mask_keys and is_secret_key(key))
+            if len(self._secret_keys) >= _MEMO_SIZE:
+                self._secret_keys.clear()
+            self._secret_keys[key] = s
+        return s
+
+    def _dict(self, value: dict[str, Any], secret: bool, tally: _Tally) -> dict[str, Any]:
+        """:meth:`_value` of a map: the same dict when nothing changed, else a copy with the changed values (same keys,
+        same order). Short strings, numbers, booleans and nulls under keys that are not secret are left alone without
+        a call: no rule can change them."""
+        out = None
+        scan = self._text_re is not None
+        secret_keys = self._secret_keys
+        memo = self._memo
+        for k, x in value.items():
+            tx = type(x)
+            if tx is int or tx is float or tx is bool or x is None:
+                continue
+            s = secret or secret_keys.get(k)
+            if s is None:
+                s = self._secret_key(k)
+            if tx is str and not s:
+                n = len(x)
+                if not scan or n < MIN_TEXT_LENGTH:
+                    continue
+                if n <= _MEMO_MAX_LENGTH and (hit := memo.get(x)) is not None and hit[1] is None:
+                    continue  # a short string known to hold nothing to mask (see _text)
+                y = self._text(x, tally)
+            else:
+                y = self._value(x, s, tally)
+            if y is not x:
+                if out is None:
+                    out = dict(value)
+                out[k] = y
+        return value if out is None else out
 
     def _attributes(self, attrs: dict[str, Any], tally: _Tally) -> dict[str, Any]:
         """An attribute map after the allow/deny lists and masking (the same dict when nothing changed)."""
@@ -311,32 +435,54 @@ class Redactor:
 
     # -- models ----------------------------------------------------------------------------------------------------
 
+    def _shared_attributes(self, attrs: dict[str, Any], tally: _Tally) -> dict[str, Any]:
+        """:meth:`_attributes` of a map that many items share (resource and scope attributes: one dict per OTLP
+        resource/scope, see ``normalizers.canonical``), computed once per pass and its counts replayed per item."""
+        hit = tally.shared.get(id(attrs))
+        if hit is None or hit[0] is not attrs:
+            outer, by_allow, by_deny = tally.masked, tally.by_allow, tally.by_deny
+            tally.masked = masked = Counter()
+            try:
+                out = self._attributes(attrs, tally)
+            finally:
+                tally.masked = outer
+            hit = (attrs, out, masked or None, tally.by_allow - by_allow, tally.by_deny - by_deny)
+            tally.shared[id(attrs)] = hit
+            tally.by_allow, tally.by_deny = by_allow, by_deny
+        if hit[2]:
+            tally.masked.update(hit[2])
+        tally.by_allow += hit[3]
+        tally.by_deny += hit[4]
+        return hit[1]
+
     def _resource_and_scope(self, item: CanonicalSpan | CanonicalLogEvent, tally: _Tally) -> dict[str, Any]:
         """Updates shared by spans and log events: resource and scope attributes."""
         update: dict[str, Any] = {}
-        resource = self._attributes(item.resource, tally)
+        resource = self._shared_attributes(item.resource, tally)
         if resource is not item.resource:
             update["resource"] = resource
-        scope_attrs = self._attributes(item.scope.attributes, tally)
+        scope_attrs = self._shared_attributes(item.scope.attributes, tally)
         if scope_attrs is not item.scope.attributes:
             update["scope"] = item.scope.model_copy(update={"attributes": scope_attrs})
         return update
 
     def _span(self, span: CanonicalSpan, tally: _Tally) -> CanonicalSpan:
         update = self._resource_and_scope(span, tally)
-        for field in ("name", "status_message"):
-            text = getattr(span, field)
-            masked = self._text(text, tally)
-            if masked is not text:
-                update[field] = masked
+        text = span.name
+        if (masked := self._text(text, tally)) is not text:
+            update["name"] = masked
+        text = span.status_message
+        if (masked := self._text(text, tally)) is not text:
+            update["status_message"] = masked
         attrs = self._attributes(span.attributes, tally)
         if attrs is not span.attributes:
             update["attributes"] = attrs
         for field in ("events", "links"):
             items = getattr(span, field)
-            new = [self._with_attributes(x, tally) for x in items]
-            if any(a is not b for a, b in zip(new, items)):
-                update[field] = new
+            if items:
+                new = [self._with_attributes(x, tally) for x in items]
+                if any(a is not b for a, b in zip(new, items)):
+                    update[field] = new
         return span.model_copy(update=update) if update else span
 
     def _with_attributes(self, item: BaseModel, tally: _Tally) -> BaseModel:

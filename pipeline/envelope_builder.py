@@ -19,7 +19,7 @@ from normalizers.agent_run import build_agent_run
 from normalizers.canonical import CanonicalLogEvent, CanonicalSpan, log_events_from_logs_data, spans_from_traces_data
 from normalizers.envelope import Completeness, Envelope, RedactionReport, Source, envelope_idempotency_key, repository_from
 from normalizers.redact import Redactor
-from pipeline.buffers import ClosedTrace
+from pipeline.buffers import ClosedTrace, log_event_in_trace
 from sinks.base import SIGNAL_LOGS
 
 #: Source kind when the records do not say how they arrived (e.g. written by another producer).
@@ -41,7 +41,7 @@ def collect(closed: ClosedTrace) -> tuple[list[CanonicalSpan], list[CanonicalLog
     for rec in closed.records:
         if rec.signal == SIGNAL_LOGS:
             for e in log_events_from_logs_data(rec.value):
-                if e.trace_id == closed.trace_id:
+                if (e := log_event_in_trace(e, closed.trace_id)) is not None:  # own id, or prompt-keyed
                     logs.setdefault(_log_id(e), e)
             continue
         for s in spans_from_traces_data(rec.value):

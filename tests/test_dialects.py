@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from itertools import count
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from normalizers.agent_run import AgentRun, build_agent_run
 from normalizers.canonical import CanonicalLogEvent, CanonicalSpan, Scope, SpanEvent
 from normalizers.dialects import DIALECT_NAMES, detect_dialects
+from normalizers.dialects._base import loads
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 _ids = count(1)
@@ -848,3 +850,113 @@ def test_odd_values_never_raise(attrs, kinds, body, name):
 def test_dialect_names_are_stable():
     assert DIALECT_NAMES == ("langfuse", "openinference", "openllmetry", "vercel-ai", "pydantic-ai", "logfire",
                              "claude-code", "otel-genai")
+
+
+# ------------------------------------------------------------------------------------------ JSON decoding
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12)
+
+
+def _json_texts():
+    dumped = st.builds(lambda v, ascii_, indent: json.dumps(v, ensure_ascii=ascii_, indent=indent),
+                       _json_values, st.booleans(), st.sampled_from([None, 0, 2]))
+    # Bits of JSON and near-JSON glued together: mostly malformed, sometimes valid in surprising ways.
+    pieces = st.sampled_from(['{', '}', '[', ']', '"', ':', ',', ' ', '\n', '\t', '\x0c', '\u00a0', '1', '-0', '1e400',
+                              '0.1', '01', '1.', 'NaN', '-Infinity', 'nan', 'true', 'null', 'True', '"\\ud800"',
+                              '"\\udc00\\ud800"', '"\\u00e9"', '\ud800', '\x00', '\\', '"a"', '"a":1', '\ufeff'])
+    glued = st.lists(pieces | st.text(max_size=3), max_size=12).map("".join)
+    return dumped | glued | st.builds(lambda a, b: a + b, dumped, glued)
+
+
+def _outcome(fn, text):
+    try:
+        return "ok", repr(fn(text))
+    except ValueError:
+        return "ValueError"
+    except RecursionError:
+        return "RecursionError"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_json_texts())
+def test_loads_decodes_exactly_as_json_loads(text):
+    assert _outcome(loads, text) == _outcome(json.loads, text)
+
+
+@pytest.mark.parametrize("text", [
+    '["\\ud800"]', '["\\udc00\\ud83d"]', '["\ud800"]', "[" * 300 + "]" * 300, "[" * 5000 + "]" * 5000,
+    "[" + "9" * 4301 + "]", '{"a": 1, "b": 2, "a": 3}', "[NaN, Infinity, -Infinity]", "[1E400, -0.0, 5e-324]",
+    "[1]\u00a0", "[1]\x0c", "[1] \n\t\r", "\ufeff[1]",
+])
+def test_loads_on_edge_cases(text):
+    assert _outcome(loads, text) == _outcome(json.loads, text)
+
+
+# ------------------------------------------------------------------------------------------ span detection memo
+
+class _KeysOnly(dict):
+    """Span attributes whose values a detector may not read (``operation.name`` excepted): see
+    ``normalizers.dialects.detection_key``."""
+
+    def _deny(self, *args, **kwargs):
+        raise AssertionError("a span detector read an attribute value: add it to detection_key")
+
+    def __getitem__(self, key):
+        if key != "operation.name":
+            self._deny()
+        return dict.__getitem__(self, key)
+
+    def get(self, key, default=None):
+        if key != "operation.name":
+            self._deny()
+        return dict.get(self, key, default)
+
+    values = items = _deny
+
+
+_DETECT_KEYS = [
+    "langfuse.observation.type", "langfuse.trace.name", "langfuse", "openinference.span.kind", "traceloop.span.kind",
+    "traceloop.workflow.name", "traceloop.entity.name", "traceloop.association.properties.session_id",
+    "llm.request.type", "llm.usage.total_tokens", "gen_ai.usage.total_tokens", "llm.is_streaming",
+    "gen_ai.openai.api_base", "gen_ai.prompt.0.content", "gen_ai.completion.0.role", "gen_ai.prompt.x.y",
+    "gen_ai.prompt", "ai.operationId", "pydantic_ai.all_messages", "final_result", "model_request_parameters",
+    "gen_ai.agent.call.id", "all_messages_events", "tool_arguments", "gen_ai.aggregated_usage.input_tokens", "events",
+    "logfire.msg_template", "logfire.span_type", "gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system",
+    "gen_ai.request.model", "input.value", "user.id"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(keys=st.lists(st.sampled_from(_DETECT_KEYS), max_size=6),
+       name=st.sampled_from(["chat gpt-4o", "claude_code.llm_request", "claude_code", "agent run", "running tool"]),
+       scope=st.sampled_from(["", "langfuse-sdk", "openinference.instrumentation.openai",
+                              "openinference.instrumentation", "traceloop.tracer", "ai", "pydantic-ai", "logfire",
+                              "logfire.openai_agents", "logfirex"]),
+       op=st.sampled_from([None, "ai.generateText", "ai.", "chat", 3, True]),
+       values=_odd)
+def test_span_detection_reads_only_its_memo_key(keys, name, scope, op, values):
+    from normalizers.dialects import GENAI, SPAN_DIALECTS, detection_key, read_span
+    from normalizers.dialects._base import SpanCtx
+
+    attrs = {k: values for k in keys}
+    if op is not None:
+        attrs["operation.name"] = op
+    base = span(1, name, attrs, scope=scope)
+    guarded = base.model_copy(update={"attributes": _KeysOnly(attrs)})
+    # Same key, everything else different.
+    other = span(2, name, {k: "other" for k in attrs} | ({"operation.name": op} if op is not None else {}),
+                 parent=9, start=5, end=7, status="ERROR", message="m", events=[("exception", {"a": 1})],
+                 scope=scope, resource={"service.name": "x"})
+    other = other.model_copy(update={"kind": "CLIENT", "scope": other.scope.model_copy(
+        update={"version": "9", "attributes": {"k": "v"}})})
+    assert detection_key(other) == detection_key(base)
+    for d in (*SPAN_DIALECTS, GENAI):
+        found = d.detect(guarded, SpanCtx(guarded))  # raises when it reads a value
+        assert d.detect(other, SpanCtx(other)) == found == d.detect(base, SpanCtx(base))
+    assert detect_dialects(base) == detect_dialects(other)
+    view = read_span(base)  # through the memo, twice
+    assert (view and view.dialects) == ((view2 := read_span(base)) and view2.dialects)
+    assert (view.dialects if view else []) == detect_dialects(base)

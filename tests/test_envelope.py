@@ -264,3 +264,152 @@ def test_the_example_in_the_docs_is_a_valid_envelope():
     env = Envelope.from_json_bytes(example.encode())
     assert env.repository == repository_from(None, env.resource)
     assert env.redaction.masked == {"openai-api-key": 1}
+
+
+# -- byte-for-byte regression over the whole envelope build -----------------------------------------------------------
+# OTLP -> canonical -> redaction -> agent-run view -> Envelope JSON on generated GenAI traces (secrets, shared
+# resources, events, links, tool calls joined from messages, log events, several redaction configs). The digests were
+# taken before the envelope build was optimized for speed: optimizations must not change a byte. A deliberate
+# change of the output updates them (print `_golden_digests()`).
+
+def _otlp_traces(seed: int) -> tuple[bytes, bytes]:
+    """One trace as (TracesData bytes, LogsData bytes)."""
+    import random
+
+    from opentelemetry.proto.logs.v1.logs_pb2 import LogsData
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status, TracesData
+
+    rng = random.Random(seed)
+    words = ("the agent reads the file and plans a patch then calls a tool to run pytest and answers the user "
+             "Password: hunter2 token=abc key sk-proj-Ab3dEf7hIjAb3dEf7hIjAb3dEf7hIj "
+             "Bearer mF_9.B5f-4.1JqMabcdefghij0123 AKIAIOSFODNN7EXAMPLE postgres://app:s3cr3t@db/x "
+             "https://x.io/?sig=abcdef é ✓ \u017fecret=abcdefgh1").split()
+
+    def text(n):
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    def put(target, key, value):
+        kv = target.add()
+        kv.key = key
+        if isinstance(value, bool):
+            kv.value.bool_value = value
+        elif isinstance(value, int):
+            kv.value.int_value = value
+        elif isinstance(value, float):
+            kv.value.double_value = value
+        elif isinstance(value, list):
+            for x in value:
+                kv.value.array_value.values.add().string_value = x
+        else:
+            kv.value.string_value = value
+
+    trace_id = rng.randbytes(16)
+    traces, logs = TracesData(), LogsData()
+    rs = traces.resource_spans.add()
+    put(rs.resource.attributes, "service.name", "support-agent")
+    put(rs.resource.attributes, "deployment.api_key", "resource-secret-value")
+    put(rs.resource.attributes, "vcs.repository.url.full", "https://github.com/acme/agent.git")
+    ss = rs.scope_spans.add()
+    ss.scope.name, ss.scope.version = "opentelemetry.instrumentation.openai_v2", "2.1b0"
+    put(ss.scope.attributes, "scope.secret", "x")
+    root = rng.randbytes(8)
+    t0 = 1_763_700_000_000_000_000
+    for i in range(rng.randint(3, 12)):
+        sp = ss.spans.add()
+        sp.trace_id, sp.span_id = trace_id, root if i == 0 else rng.randbytes(8)
+        sp.start_time_unix_nano = t0 + i * 1_000_000
+        sp.end_time_unix_nano = sp.start_time_unix_nano + rng.randint(1, 4000) * 1_000_000
+        if i == 0:
+            sp.name = "invoke_agent support-agent"
+            put(sp.attributes, "gen_ai.operation.name", "invoke_agent")
+            put(sp.attributes, "gen_ai.agent.name", "support-agent")
+            put(sp.attributes, "gen_ai.conversation.id", f"conv-{seed}")
+            if rng.random() < 0.5:
+                sp.status.code = Status.STATUS_CODE_ERROR
+                sp.status.message = "failed: " + text(3)
+            continue
+        sp.parent_span_id = root
+        call_id = f"call_{i}"
+        if i % 3 == 0:
+            sp.name = "execute_tool run_tests"
+            put(sp.attributes, "gen_ai.operation.name", "execute_tool")
+            put(sp.attributes, "gen_ai.tool.name", "run_tests")
+            put(sp.attributes, "gen_ai.tool.call.id", call_id)
+            put(sp.attributes, "gen_ai.tool.call.arguments", json.dumps({"path": "tests/", "password": text(2)}))
+            put(sp.attributes, "gen_ai.tool.call.result", text(12))
+            if rng.random() < 0.3:
+                ev = sp.events.add()
+                ev.name, ev.time_unix_nano = "exception", sp.start_time_unix_nano + 1
+                put(ev.attributes, "exception.type", "RuntimeError")
+                put(ev.attributes, "exception.message", text(4))
+                sp.status.code = Status.STATUS_CODE_ERROR
+            continue
+        sp.name, sp.kind = "chat gpt-4o-mini", Span.SPAN_KIND_CLIENT
+        put(sp.attributes, "gen_ai.operation.name", "chat")
+        put(sp.attributes, "gen_ai.provider.name", "openai")
+        put(sp.attributes, "gen_ai.request.model", "gpt-4o-mini")
+        put(sp.attributes, "gen_ai.usage.input_tokens", rng.randint(1, 4000))
+        put(sp.attributes, "gen_ai.usage.output_tokens", rng.randint(1, 800))
+        put(sp.attributes, "gen_ai.request.temperature", 0.2)
+        put(sp.attributes, "gen_ai.response.finish_reasons", ["tool_calls" if i % 3 == 2 else "stop"])
+        put(sp.attributes, "http.request.header.authorization", "Basic abc")
+        put(sp.attributes, "gen_ai.input.messages", json.dumps(
+            [{"role": "system", "parts": [{"type": "text", "content": text(5)}]},
+             {"role": "user", "parts": [{"type": "text", "content": text(30)}]}], ensure_ascii=rng.random() < 0.5))
+        out = [{"type": "text", "content": text(20)}]
+        if i % 3 == 2:
+            out.append({"type": "tool_call", "id": f"call_{i + 1}", "name": "run_tests",
+                        "arguments": json.dumps({"path": "tests/"})})
+        put(sp.attributes, "gen_ai.output.messages", json.dumps(
+            [{"role": "assistant", "parts": out, "finish_reason": "stop"}]))
+        if rng.random() < 0.3:
+            lk = sp.links.add()
+            lk.trace_id, lk.span_id = rng.randbytes(16), rng.randbytes(8)
+            put(lk.attributes, "client_secret", "zzzzzzzz")
+        if rng.random() < 0.5:
+            rl = logs.resource_logs.add() if not logs.resource_logs else logs.resource_logs[0]
+            sl = rl.scope_logs.add() if not rl.scope_logs else rl.scope_logs[0]
+            rec = sl.log_records.add()
+            rec.trace_id, rec.span_id, rec.time_unix_nano = trace_id, sp.span_id, sp.end_time_unix_nano
+            rec.event_name = "gen_ai.choice"
+            rec.body.kvlist_value.values.add(key="finish_reason").value.string_value = "stop"
+            msg = rec.body.kvlist_value.values.add(key="message").value.kvlist_value
+            msg.values.add(key="content").value.string_value = text(6)
+    return traces.SerializeToString(), logs.SerializeToString()
+
+
+def _golden_envelope(seed: int) -> bytes:
+    from normalizers.agent_run import build_agent_run
+    from normalizers.canonical import log_events_from_logs_data, spans_from_traces_data
+    from normalizers.redact import RedactionConfig, Redactor
+
+    configs = [RedactionConfig(), RedactionConfig(disabled_rules=frozenset({"jwt", "secret-attribute", "password"})),
+               RedactionConfig(allow_attributes=("gen_ai.*", "service.*")),
+               RedactionConfig(deny_attributes=("gen_ai.input.*", "*.authorization")),
+               RedactionConfig(mask_secrets=False)]
+    traces, logs = _otlp_traces(seed)
+    spans = sorted(spans_from_traces_data(traces), key=lambda s: (s.start_time_unix_nano, s.span_id))
+    events = log_events_from_logs_data(logs)
+    redacted = Redactor(configs[seed % len(configs)]).redact(spans, events)
+    trace_id = spans[0].trace_id
+    resource = dict(redacted.spans[0].resource)
+    return Envelope(
+        idempotency_key=envelope_idempotency_key(trace_id, redacted.spans), trace_id=trace_id,
+        source=Source(id="bench", kind="otlp-grpc"), repository=repository_from(None, resource),
+        received_at_unix_nano=T0, assembled_at_unix_nano=T0 + 1,
+        completeness=Completeness(root_seen=True, closed_reason="root-ended-and-quiet"), resource=resource,
+        spans=redacted.spans, log_events=redacted.log_events,
+        agent_run=build_agent_run(redacted.spans, redacted.log_events), redaction=redacted.report).to_json_bytes()
+
+
+def _golden_digests() -> str:
+    return hashlib.sha256(b"".join(hashlib.sha256(_golden_envelope(s)).digest() for s in range(40))).hexdigest()
+
+
+def test_envelope_bytes_are_unchanged_on_generated_traces():
+    sample = json.loads(_golden_envelope(3))
+    assert sample["redaction"]["masked"] and sample["agent_run"]["llm_calls"] and sample["log_events"]
+    assert _golden_digests() == GOLDEN_DIGEST
+
+
+GOLDEN_DIGEST = "30b76e894c60d23e02ca8506b621ded230e40d98a99bd32d12c07039af21e208"

@@ -7,7 +7,11 @@ import inspect
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
+
+import normalizers.redact as redact_module
 
 from normalizers.agent_run import AgentRun, ToolCall
 from normalizers.canonical import CanonicalLogEvent, CanonicalSpan, Scope, SpanEvent, SpanLink
@@ -356,3 +360,84 @@ def test_redacting_spans_first_then_the_envelope_counts_each_secret_once():
     # the span's key was counted by the first pass; the agent run's copy is new in the second
     assert out.redaction.masked == {"openai-api-key": 2, "aws-access-key-id": 1}
     assert REDACTOR.redact_envelope(out).redaction == out.redaction
+
+
+# -- the prefilter (TextRule gate/needles) and the memo never change a result -----------------------------------------
+
+def _unfiltered(config: RedactionConfig | None = None) -> Redactor:
+    """A redactor whose rules have no prefilter: it scans every text with the full alternation."""
+    saved = redact_module.TEXT_RULES
+    redact_module.TEXT_RULES = tuple(r._replace(gate="", needles=()) for r in saved)
+    try:
+        return Redactor(config)
+    finally:
+        redact_module.TEXT_RULES = saved
+
+
+UNFILTERED = _unfiltered()
+# Pieces of secrets, key words in several cases, separators, quoting, and the four non-ASCII characters that
+# Python's re folds onto ASCII letters (U+0130, U+0131, U+017F, U+212A).
+_FRAGMENTS = [
+    OPENAI, OPENAI_LEGACY, ANTHROPIC, AWS, GITHUB, GITHUB_PAT, SLACK, GOOGLE, STRIPE, HF, JWT, PEM, BEARER,
+    "sk-", "sk-ant-", "sk-proj-", "AKIA", "ASIA", "ABIA", "ACCA", "AIza", "ghp_", "gho_", "github_pat_", "xoxb-",
+    "xoxp-", "rk_live_", "sk_test_", "hf_", "eyJ", ".eyJ", "eyJhbGciOiJIUzI1NiJ9", "-----BEGIN ",
+    "RSA PRIVATE KEY-----",
+    "-----END PRIVATE KEY-----", "password", "PassWord", "PWD", "pwd", "passwd", "passphrase", "api_key", "API-KEY",
+    "apikey", "ApiKey", "secret", "clientSecret", "Session_Token", "private_key", "PrivateKey", "access_token",
+    "auth-token", "api_token", "refresh_token", "id_token", "IdToken", "Authorization", "authorization", "Basic ",
+    "Bearer ", "bearer\t", "token", "sig", "signature", "X-Amz-Signature", "x-goog-signature", "https://", "://",
+    "user:", "@host", "@", ":", "=", " = ", ": ", "?", "&", '"', "'", "\\", '\\"', " ", "\n", "\t", ",", ";", "{", "[",
+    "abcdefgh12345678", "Zm9vYmFyYmF6cXV4", "hunter2", "[REDACTED:jwt]", "[REDACTED:secret-attribute]",
+    "\u0130", "\u0131", "\u017f", "\u212a", "é", "✓", "\ufb05", "ß",
+]
+_TEXTS = st.lists(st.one_of(st.sampled_from(_FRAGMENTS), st.text(max_size=4)), max_size=14).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_TEXTS)
+def test_the_prefilter_finds_what_the_full_scan_finds(text):
+    out, counts = REDACTOR.mask_text(text)
+    expected, expected_counts = UNFILTERED.mask_text(text)
+    assert out == expected
+    assert list(counts.items()) == list(expected_counts.items())
+
+
+@pytest.mark.parametrize("text", [
+    "pa\u017fsword=hunter2", "\u017fecret=abcdefgh1234", "pr\u0130vate_key=abcdefgh12345",
+    "\u0131d_token=ABCDEFGH12345678", "Authorization: \u212aey abcdefgh12345",
+    "hello wörld token=Zm9vYmFyYmF6cXV4 ✓",
+    '{"messages": [{"role": "user", "content": "my password: hunter2, key sk-' + "a" * 30 + '"}]}',
+    "?token=abc&sig=def", "Bearer of bad news", "bearer abcdefghijklmnop1234",
+])
+def test_the_prefilter_on_folded_and_mixed_text(text):
+    assert REDACTOR.mask_text(text) == UNFILTERED.mask_text(text)
+
+
+@pytest.mark.parametrize("config", [
+    RedactionConfig(disabled_rules=frozenset({"jwt", "password", "secret-assignment"})),
+    RedactionConfig(disabled_rules=frozenset(RULE_NAMES) - {"bearer-token"}),
+])
+@settings(max_examples=200, deadline=None)
+@given(text=_TEXTS)
+def test_the_prefilter_with_disabled_rules(config, text):
+    assert Redactor(config).mask_text(text) == _unfiltered(config).mask_text(text)
+
+
+def test_remembered_texts_are_counted_every_time():
+    r = Redactor()
+    short = f"k {AWS}"  # remembered across passes
+    long = f"{OPENAI} " + "x" * 200  # remembered within a pass
+    for _ in range(3):
+        assert r.mask_text(short) == ("k [REDACTED:aws-access-key-id]", {"aws-access-key-id": 1})
+        assert r.mask_text(long)[1] == {"openai-api-key": 1}
+    spans = [span({"a": short, "b": long, "c": short}), span({"a": short, "b": long})]
+    assert r.redact(spans).report.masked == {"aws-access-key-id": 3, "openai-api-key": 2}
+    assert r.redact(spans).report == REDACTOR.redact(spans).report == UNFILTERED.redact(spans).report
+
+
+def test_an_unchanged_string_comes_back_as_the_same_object():
+    a, b = "gpt-4o-mini-2024-07-18", "".join(["gpt-4o-mini", "-2024-07-18"])  # equal, distinct objects
+    assert a == b and a is not b
+    s1, s2 = span({"model": a}), span({"model": b})
+    out = Redactor().redact([s1, s2])
+    assert out.spans[0] is s1 and out.spans[1] is s2

@@ -55,23 +55,53 @@ def _span_names(span: CanonicalSpan, ctx: SpanCtx, matched: list[Dialect]) -> li
     return [d.name for d in matched] or ([genai.NAME] if genai.detect(span, ctx) else [])
 
 
+#: What the span ``detect`` functions may read (tests/test_dialects.py checks it): the span's name, its scope's name,
+#: its attribute keys, and the value of the ``operation.name`` attribute (Vercel). Spans of one kind repeat these,
+#: so :func:`read_span` remembers the detection per key (bounded).
+_DETECTED: dict[tuple, tuple[tuple[Dialect, ...], tuple[str, ...], tuple[Callable, ...]]] = {}
+_DETECTED_MAX = 4096
+
+
+def detection_key(span: CanonicalSpan) -> tuple:
+    """Everything the span detectors read; equal keys, equal detection."""
+    a = span.attributes
+    op = a.get("operation.name")
+    return type(span), span.name, span.scope.name, tuple(a), type(op), op
+
+
+def _detect(span: CanonicalSpan, ctx: SpanCtx) -> tuple[tuple[Dialect, ...], tuple[str, ...], tuple[Callable, ...]]:
+    """The readers of a span in precedence order (the matching span dialects, then GenAI), the dialect names to
+    report, and the distinct ``extract_span`` functions to run (Pydantic AI and Logfire share one), remembered per
+    :func:`detection_key`."""
+    key = detection_key(span)
+    try:
+        hit = _DETECTED.get(key)
+    except TypeError:  # an unhashable operation.name value: no memo
+        key, hit = None, None
+    if hit is None:
+        matched = [d for d in SPAN_DIALECTS if d.detect(span, ctx)]
+        readers = (*matched, GENAI)
+        hit = (readers, tuple(_span_names(span, ctx, matched)),
+               tuple(dict.fromkeys(d.extract_span for d in readers)))
+        if key is not None:
+            if len(_DETECTED) >= _DETECTED_MAX:
+                _DETECTED.clear()
+            _DETECTED[key] = hit
+    return hit
+
+
 def read_span(span: CanonicalSpan) -> SpanView | None:
     """Run the matching readers on one span, in precedence order; ``None`` for a span no dialect recognizes."""
     ctx = SpanCtx(span)
-    matched = [d for d in SPAN_DIALECTS if d.detect(span, ctx)]
-    names = _span_names(span, ctx, matched)
+    readers, names, extractors = _detect(span, ctx)
     if not names:
         return None
-    readers = (*matched, GENAI)
     # The kind is settled before any reader runs, so a dialect that only adds keys to GenAI-typed spans (Pydantic
     # AI v3+, Langfuse on OTel spans) still knows whether it is looking at an LLM call, a tool or a run.
     kind = next((k for d in readers if (k := d.span_kind(ctx))), None)
-    view = SpanView(span=span, dialects=names, kind=kind)
-    done: set[Callable] = set()
-    for d in readers:
-        if d.extract_span not in done:  # Pydantic AI and Logfire share one reader
-            done.add(d.extract_span)
-            d.extract_span(ctx, view)
+    view = SpanView(span=span, dialects=list(names), kind=kind)
+    for extract in extractors:
+        extract(ctx, view)
     return view
 
 

@@ -9,9 +9,22 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic_core import from_json as _from_json
+
 from normalizers.canonical import CanonicalLogEvent, CanonicalSpan
 
 _MISSING = object()
+
+
+def loads(text: str) -> Any:
+    """``json.loads(text)``, faster: pydantic-core's JSON parser where it accepts the text, else ``json.loads`` (for
+    its result or its error). Where the fast parser succeeds it gives what ``json.loads`` gives (same types, floats,
+    big ints, ``NaN``/``Infinity``, last duplicate key wins); what it refuses that ``json.loads`` takes (lone
+    surrogates, nesting deeper than 200) goes to ``json.loads``. ``tests/test_dialects.py`` checks the two agree."""
+    try:
+        return _from_json(text)
+    except (ValueError, TypeError):
+        return json.loads(text)
 
 
 def decode_json(value: Any) -> Any:
@@ -21,7 +34,7 @@ def decode_json(value: Any) -> Any:
         s = value.lstrip()
         if s[:1] in ("{", "["):
             try:
-                return json.loads(s)
+                return loads(s)
             except ValueError:
                 return value
     return value
@@ -39,11 +52,23 @@ def compact_json(value: Any) -> str:
 
 def present(value: Any) -> bool:
     """Whether a value carries information (``None``, ``""`` and empty containers do not)."""
-    return value is not None and value != "" and value != [] and value != {}
+    if value is None:
+        return False
+    t = type(value)
+    if t is str or t is list or t is dict:
+        return bool(value)
+    if t is int or t is float or t is bool:
+        return True
+    return value != "" and value != [] and value != {}
 
 
 def to_int(value: Any) -> int | None:
     """Token counts and similar: int, integral float or decimal string -> ``int``; anything else -> ``None``."""
+    t = type(value)
+    if t is int:
+        return value
+    if value is None or t is bool:
+        return None
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -60,6 +85,8 @@ def to_int(value: Any) -> int | None:
 
 def to_str(value: Any) -> str | None:
     """Scalar -> ``str`` (``None``/``""`` -> ``None``); containers -> compact JSON."""
+    if type(value) is str:
+        return value or None
     if value is None or value == "":
         return None
     if isinstance(value, str):
@@ -80,7 +107,16 @@ def str_list(value: Any) -> list[str]:
 
 def put(d: dict[str, Any], key: str, value: Any) -> None:
     """Set ``d[key]`` unless it already holds information: readers run in precedence order, first writer wins."""
-    if present(value) and not present(d.get(key)):
+    if value is None:
+        return
+    t = type(value)
+    if t is str or t is list or t is dict:  # present(value), inlined for the common types
+        if not value:
+            return
+    elif not (t is int or t is float or t is bool) and not present(value):
+        return
+    current = d.get(key)
+    if current is None or not present(current):
         d[key] = value
 
 
@@ -94,7 +130,7 @@ class SpanCtx:
         self.span = span
         self.attrs = span.attributes
         self._json: dict[str, Any] = {}
-        self._prefixes: set[str] | None = None
+        self._prefixes: frozenset[str] | None = None
 
     def json(self, key: str) -> Any:
         """``decode_json(attrs[key])``, decoded once per span; ``None`` when absent."""
@@ -114,14 +150,30 @@ class SpanCtx:
     def has_prefix(self, prefix: str) -> bool:
         """Whether some key starts with ``prefix + "."`` (``prefix`` is whole dotted segments, no trailing dot)."""
         if self._prefixes is None:
-            pre: set[str] = set()
-            for k in self.attrs:
-                i = k.find(".")
-                while i != -1:
-                    pre.add(k[:i])
-                    i = k.find(".", i + 1)
-            self._prefixes = pre
+            self._prefixes = key_prefixes(tuple(self.attrs))
         return prefix in self._prefixes
+
+
+# Spans of one kind carry the same keys: their prefix sets are remembered (bounded) by key tuple.
+_PREFIX_SETS: dict[tuple[str, ...], frozenset[str]] = {}
+_PREFIX_SETS_MAX = 4096
+
+
+def key_prefixes(keys: tuple[str, ...]) -> frozenset[str]:
+    """Every dotted prefix (whole segments, no trailing dot) of ``keys``: ``a.b.c`` -> ``a``, ``a.b``."""
+    pre = _PREFIX_SETS.get(keys)
+    if pre is None:
+        found: set[str] = set()
+        for k in keys:
+            i = k.find(".")
+            while i != -1:
+                found.add(k[:i])
+                i = k.find(".", i + 1)
+        pre = frozenset(found)
+        if len(_PREFIX_SETS) >= _PREFIX_SETS_MAX:
+            _PREFIX_SETS.clear()
+        _PREFIX_SETS[keys] = pre
+    return pre
 
 
 @dataclass(slots=True)
@@ -158,7 +210,7 @@ class SpanView:
 
     def set(self, name: str, value: Any) -> None:
         """First-writer-wins assignment of a scalar field; non-string values are stringified."""
-        if present(value) and getattr(self, name) is None:
+        if value is not None and present(value) and getattr(self, name) is None:
             setattr(self, name, value if isinstance(value, str) else to_str(value))
 
     def add_error(self, type_: Any = None, message: Any = None) -> None:

@@ -44,27 +44,42 @@ def fill_llm(a: Mapping[str, Any], d: dict[str, Any]) -> None:
     ``gen_ai.prompt``/``gen_ai.completion`` JSON strings, both token spellings (1.26 ``prompt_tokens``/
     ``completion_tokens``; ≥1.27 ``input_tokens``/``output_tokens``), cache keys of v1.40 and the newest
     ``cache_write`` rename, and OpenLLMetry-new's ``gen_ai.usage.reasoning_tokens`` beside v1.41's key."""
-    put(d, "model", to_str(a.get("gen_ai.request.model")))
-    put(d, "response_model", to_str(a.get("gen_ai.response.model")))
-    put(d, "provider", to_str(a.get("gen_ai.provider.name") or a.get("gen_ai.system")))
-    put(d, "operation", to_str(a.get("gen_ai.operation.name")))
-    if not d.get("input_messages"):
-        put(d, "input_messages", genai_messages(a.get("gen_ai.input.messages", a.get("gen_ai.prompt")), "user"))
-    if not d.get("output_messages"):
-        put(d, "output_messages",
-            genai_messages(a.get("gen_ai.output.messages", a.get("gen_ai.completion")), "assistant"))
-    put(d, "system_instructions", system_instructions_text(a.get("gen_ai.system_instructions")))
-    put(d, "finish_reasons", str_list(a.get("gen_ai.response.finish_reasons")))
-    put(d, "input_tokens", to_int(_first(a, "gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")))
-    put(d, "output_tokens", to_int(_first(a, "gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")))
-    put(d, "total_tokens", to_int(a.get("gen_ai.usage.total_tokens")))
-    put(d, "cache_read_input_tokens",
-        to_int(_first(a, "gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens")))
-    put(d, "cache_creation_input_tokens",
-        to_int(_first(a, "gen_ai.usage.cache_creation.input_tokens", "gen_ai.usage.cache_write.input_tokens",
-                      "gen_ai.usage.cache_creation_input_tokens")))
-    put(d, "reasoning_tokens",
-        to_int(_first(a, "gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens")))
+    # Absent keys are skipped before any conversion: every converter maps None to a value ``put`` ignores.
+    get = a.get
+    if (v := get("gen_ai.request.model")) is not None:
+        put(d, "model", to_str(v))
+    if (v := get("gen_ai.response.model")) is not None:
+        put(d, "response_model", to_str(v))
+    if (v := get("gen_ai.provider.name") or get("gen_ai.system")) is not None:
+        put(d, "provider", to_str(v))
+    if (v := get("gen_ai.operation.name")) is not None:
+        put(d, "operation", to_str(v))
+    if not d.get("input_messages") and (v := get("gen_ai.input.messages", get("gen_ai.prompt"))) is not None:
+        put(d, "input_messages", genai_messages(v, "user"))
+    if not d.get("output_messages") and (v := get("gen_ai.output.messages", get("gen_ai.completion"))) is not None:
+        put(d, "output_messages", genai_messages(v, "assistant"))
+    if (v := get("gen_ai.system_instructions")) is not None:
+        put(d, "system_instructions", system_instructions_text(v))
+    if (v := get("gen_ai.response.finish_reasons")) is not None:
+        put(d, "finish_reasons", str_list(v))
+    for field, keys in _TOKEN_KEYS:  # the first key that carries information
+        for k in keys:
+            if (v := get(k)) is not None and present(v):
+                put(d, field, to_int(v))
+                break
+
+
+# LlmCall token fields and their keys in precedence order (see fill_llm).
+_TOKEN_KEYS = (
+    ("input_tokens", ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")),
+    ("output_tokens", ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")),
+    ("total_tokens", ("gen_ai.usage.total_tokens",)),
+    ("cache_read_input_tokens", ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens")),
+    ("cache_creation_input_tokens", ("gen_ai.usage.cache_creation.input_tokens",
+                                     "gen_ai.usage.cache_write.input_tokens",
+                                     "gen_ai.usage.cache_creation_input_tokens")),
+    ("reasoning_tokens", ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens")),
+)
 
 
 def _first(a: Mapping[str, Any], *keys: str) -> Any:

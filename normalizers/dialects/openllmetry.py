@@ -37,7 +37,7 @@ def detect(item: CanonicalSpan | CanonicalLogEvent, ctx: SpanCtx | None = None) 
     return (item.scope.name == "traceloop.tracer" or "traceloop.span.kind" in a
             or "traceloop.workflow.name" in a or ctx.has_prefix("traceloop.entity")
             or ctx.has_prefix("traceloop.association.properties")
-            or any(k in a for k in _OLD_LLM_KEYS)
+            or not a.keys().isdisjoint(_OLD_LLM_KEYS)
             or _has_flat(ctx, "gen_ai.prompt") or _has_flat(ctx, "gen_ai.completion"))
 
 

@@ -39,7 +39,7 @@ def detect(item: CanonicalSpan | CanonicalLogEvent, ctx: SpanCtx | None = None) 
     if not isinstance(item, CanonicalSpan):
         return False
     a = item.attributes
-    return (item.scope.name == "pydantic-ai" or any(k in a for k in _PAI_KEYS)
+    return (item.scope.name == "pydantic-ai" or not a.keys().isdisjoint(_PAI_KEYS)
             or (ctx or SpanCtx(item)).has_prefix("gen_ai.aggregated_usage")
             or ("events" in a and not _is_logfire_scope(item.scope.name)))
 
