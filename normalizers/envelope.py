@@ -35,7 +35,7 @@ SCHEMA_VERSION = "trace-source.envelope/v1"
 SCHEMA_PATH = Path(__file__).with_name("schema") / "envelope.v1.schema.json"
 
 #: Closing reasons of a trace, see :attr:`Completeness.closed_reason`.
-ClosedReason = Literal["root-ended-and-quiet", "max-wait", "evicted"]
+ClosedReason = Literal["root-ended-and-quiet", "quiet", "max-wait", "evicted"]
 
 _TRACE_ID = r"^[0-9a-f]{32}$"
 _TRACE_ID_RE = re.compile(_TRACE_ID)
@@ -47,7 +47,8 @@ _REPOSITORY_RE = re.compile(_REPOSITORY)
 _REPO_URL_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*://)?(?:[^@/\s]+@)?[^/:\s]+[:/](?P<path>[^\s?#]+?)(?:\.git)?/?$")
 
 
-def envelope_idempotency_key(trace_id: str, spans: Iterable[CanonicalSpan]) -> str:
+def envelope_idempotency_key(trace_id: str, spans: Iterable[CanonicalSpan],
+                             log_events: Iterable[CanonicalLogEvent] = ()) -> str:
     """Envelope-level idempotency key: 64 lowercase hex characters (SHA-256), see DESIGN.md "Idempotency keys".
 
     The digest covers the trace id and the *set* of ``(span_id, end_time_unix_nano, status_code)`` triples, so span
@@ -65,7 +66,11 @@ def envelope_idempotency_key(trace_id: str, spans: Iterable[CanonicalSpan]) -> s
     * ``end_time_unix_nano``: base-10 integer, no sign, no leading zeros (``0`` for a span without an end time).
     * ``status_code``: the OTLP short name, ``UNSET`` / ``OK`` / ``ERROR``.
     * Sorted by span id (byte order), then end time (numerically), then status code (byte order); identical triples
-      appear once. A trace without spans hashes just its first line.
+      appear once.
+    * A trace without spans (a run rebuilt from log events only) hashes, after the first line, one line per distinct
+      log event instead, so a later version with more events gets a new key:
+      ``log <span_id> <time_unix_nano> <observed_time_unix_nano> <severity_number> <event_name>\\n``, sorted the same
+      way. ``log_events`` is ignored when there are spans, so keys of span traces never depend on log events.
 
     Example: trace ``4bf92f3577b34da6a3ce929d0e0e4736`` with one span ``00f067aa0ba902b7`` ending at
     ``1700000000000000000`` with status ``OK`` hashes the 73 bytes
@@ -81,6 +86,10 @@ def envelope_idempotency_key(trace_id: str, spans: Iterable[CanonicalSpan]) -> s
     h = hashlib.sha256(f"{trace_id}\n".encode("ascii"))
     for span_id, end, status in triples:
         h.update(f"{span_id} {end} {status}\n".encode())
+    if not triples:
+        for e in sorted({(e.span_id, e.time_unix_nano, e.observed_time_unix_nano, e.severity_number, e.event_name)
+                         for e in log_events}):
+            h.update(("log %s %d %d %d %s\n" % e).encode())
     return h.hexdigest()
 
 
@@ -132,8 +141,9 @@ class Completeness(BaseModel):
         "without its root, so the agent-run view may miss the run's input, output and final status."))
     closed_reason: ClosedReason = Field(description=(
         "Why the trace was closed: 'root-ended-and-quiet' (the root ended and no span arrived for the quiet "
-        "period), 'max-wait' (the maximum wait since the first span passed), 'evicted' (closed early to bound the "
-        "assembler's memory)."))
+        "period), 'quiet' (a run of log events only, e.g. a Claude Code prompt, with no root that could end: no "
+        "data for the prompt quiet period), 'max-wait' (the maximum wait since the first span passed), 'evicted' "
+        "(closed early to bound the assembler's memory)."))
 
 
 class RedactionReport(BaseModel):
@@ -215,7 +225,7 @@ class Envelope(BaseModel):
         for e in self.log_events:
             if e.trace_id not in ("", self.trace_id):
                 raise ValueError(f"log event belongs to trace {e.trace_id!r}, not {self.trace_id!r}")
-        expected = envelope_idempotency_key(self.trace_id, self.spans)
+        expected = envelope_idempotency_key(self.trace_id, self.spans, self.log_events)
         if self.idempotency_key != expected:
             raise ValueError(f"idempotency_key {self.idempotency_key!r} does not match the trace id and spans "
                              f"(expected {expected!r})")

@@ -66,9 +66,8 @@ if TYPE_CHECKING:
 CLOSED_QUIET = "root-ended-and-quiet"
 CLOSED_MAX_WAIT = "max-wait"
 CLOSED_EVICTED = "evicted"
-#: Close reason of a prompt-keyed trace gone quiet. The envelope's closed enum has no value for "quiet without a
-#: root" yet, so it reports ``root-ended-and-quiet`` (its ``completeness.root_seen`` is false: there are no spans).
-CLOSED_PROMPT_QUIET = CLOSED_QUIET
+#: Close reason of a prompt-keyed trace (log events only, no root that could end) gone quiet.
+CLOSED_PROMPT_QUIET = "quiet"
 
 _STATUS = {v: k.removeprefix("STATUS_CODE_") for k, v in Status.StatusCode.items()}
 _ZERO_TRACE = bytes(16)

@@ -88,7 +88,7 @@ def build_envelope(closed: ClosedTrace, *, assembled_at_ns: int, redactor: Redac
         id=(first.source_id if first and first.source_id else (prior.source.id if prior else DEFAULT_SOURCE_ID)),
         kind=(first.transport if first and first.transport else (prior.source.kind if prior else DEFAULT_SOURCE_KIND)))
     return Envelope(
-        idempotency_key=envelope_idempotency_key(closed.trace_id, spans),
+        idempotency_key=envelope_idempotency_key(closed.trace_id, spans, logs),
         envelope_version=closed.version,
         trace_id=closed.trace_id,
         source=source,

@@ -130,7 +130,7 @@ def test_claude_code_log_only_session_becomes_one_envelope_per_prompt(tmp_path: 
                          f"envelopes of both prompts under {state}/traces", timeout_s=60)
         assert set(files) == {one_id, two_id}
         assert metric(serve.http_url, "trace_source_assembler_envelopes_total",
-                      reason="root-ended-and-quiet") == 2
+                      reason="quiet") == 2
         assert metric(serve.http_url, "trace_source_assembler_untraced_log_records_total") == 1
         # The receiver keyed each prompt's records by its synthetic id (prompt 1 across two requests).
         landed = log_records_of(landed_local(state))
@@ -145,7 +145,7 @@ def test_claude_code_log_only_session_becomes_one_envelope_per_prompt(tmp_path: 
     for env, prompt_id in ((one, PROMPT_1), (two, PROMPT_2)):
         assert env.trace_id == prompt_trace_id(SESSION, prompt_id).hex() and env.envelope_version == 1
         assert env.spans == [] and env.completeness.root_seen is False
-        assert env.completeness.closed_reason == "root-ended-and-quiet"
+        assert env.completeness.closed_reason == "quiet"
         assert env.source.kind == "otlp-http" and env.resource["service.name"] == "claude-code"
         assert all(e.trace_id == "" and e.attributes["prompt.id"] == prompt_id for e in env.log_events)
         assert all(e.scope.name == "com.anthropic.claude_code.events" for e in env.log_events)

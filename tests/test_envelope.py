@@ -91,7 +91,7 @@ def test_schema_describes_the_model():
     assert set(schema["required"]) == {"idempotency_key", "trace_id", "source", "received_at_unix_nano",
                                        "assembled_at_unix_nano", "completeness"}
     reasons = schema["$defs"]["Completeness"]["properties"]["closed_reason"]["enum"]
-    assert reasons == ["root-ended-and-quiet", "max-wait", "evicted"]
+    assert reasons == ["root-ended-and-quiet", "quiet", "max-wait", "evicted"]
     # every top-level field is documented in the schema and in docs/envelope.md
     doc = (SCHEMA_PATH.parents[2] / "docs" / "envelope.md").read_text(encoding="utf-8")
     for name, prop in props.items():
@@ -413,3 +413,16 @@ def test_envelope_bytes_are_unchanged_on_generated_traces():
 
 
 GOLDEN_DIGEST = "30b76e894c60d23e02ca8506b621ded230e40d98a99bd32d12c07039af21e208"
+
+
+def test_key_of_a_log_only_trace_covers_its_log_events_and_span_keys_ignore_logs():
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    first = CanonicalLogEvent(time_unix_nano=1, event_name="claude_code.user_prompt")
+    later = CanonicalLogEvent(time_unix_nano=2, event_name="claude_code.api_request")
+    one = envelope_idempotency_key(trace_id, [], [first])
+    assert one == envelope_idempotency_key(trace_id, [], [first, first])  # a duplicate event changes nothing
+    assert envelope_idempotency_key(trace_id, [], [first, later]) not in (one, envelope_idempotency_key(trace_id, []))
+    expected = hashlib.sha256(f"{trace_id}\nlog  1 0 0 claude_code.user_prompt\n".encode()).hexdigest()
+    assert one == expected
+    span = CanonicalSpan(trace_id=trace_id, span_id="00f067aa0ba902b7", name="s", end_time_unix_nano=5)
+    assert envelope_idempotency_key(trace_id, [span], [first]) == envelope_idempotency_key(trace_id, [span])

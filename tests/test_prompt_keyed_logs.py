@@ -18,7 +18,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from normalizers.canonical import attributes as decode_attributes
 from normalizers.envelope import Envelope
 from normalizers.redact import Redactor
-from pipeline.buffers import CLOSED_MAX_WAIT, CLOSED_QUIET, AssemblerCore, decode_record
+from pipeline.buffers import CLOSED_MAX_WAIT, CLOSED_PROMPT_QUIET, AssemblerCore, decode_record
 from pipeline.bus import BusRecord
 from pipeline.envelope_builder import build_envelope
 from receiver.split import scan, split_logs
@@ -221,7 +221,7 @@ def test_prompts_assemble_into_one_envelope_each_after_the_prompt_quiet_period()
     clock.now += 30.0
     closed = sorted(core.due(), key=lambda c: c.trace_id)
     assert [(c.trace_id, c.reason, c.prompt_keyed, c.root_ended) for c in closed] == sorted(
-        [(hexid(SESSION, P1), CLOSED_QUIET, True, False), (hexid(SESSION, P2), CLOSED_QUIET, True, False)])
+        [(hexid(SESSION, P1), CLOSED_PROMPT_QUIET, True, False), (hexid(SESSION, P2), CLOSED_PROMPT_QUIET, True, False)])
     envs = {}
     for c in closed:
         env = build_envelope(c, assembled_at_ns=T0 + 10**9, redactor=Redactor())
