@@ -58,6 +58,10 @@ MiB = 1 << 20
 SMALL_CAP = MiB
 #: RSS growth allowed for the serve process across one bomb (peak and after), bytes. A memory bound, not a timing.
 RSS_BOUND = 200 * 10**6
+#: RSS growth allowed while eight bombs arrive at once: they are decoded one after another on the event loop, each
+#: up to the 64 MiB cap plus an 8 MiB decode step, and glibc keeps some freed arenas between them; runs measured
+#: +150..+215 MB. It must not scale with the number of bombs (8 x 64 MiB would be 537 MB).
+CONCURRENT_RSS_BOUND = 320 * 10**6
 #: RSS growth allowed over a server's whole life in this module (allocator arenas keep some freed memory).
 LIFETIME_RSS_BOUND = 400 * 10**6
 #: Deepest AnyValue nesting on a span attribute that still decodes (upb's 100-message limit; the JSON decoder matches).
@@ -444,9 +448,9 @@ class PeakRss:
                 f"(+{(self.peak - self.before) / MiB:.0f}), after {self.after / MiB:.0f} MiB "
                 f"(+{(self.after - self.before) / MiB:.0f})")
 
-    def assert_bounded(self) -> None:
-        assert self.peak - self.before < RSS_BOUND, self.report("unbounded")
-        assert self.after - self.before < RSS_BOUND, self.report("unbounded")
+    def assert_bounded(self, bound: int = RSS_BOUND) -> None:
+        assert self.peak - self.before < bound, self.report("unbounded")
+        assert self.after - self.before < bound, self.report("unbounded")
 
 
 # --- strategies -------------------------------------------------------------------------------------------------
@@ -1116,7 +1120,7 @@ def test_concurrent_bombs_keep_memory_bounded(srv: Server, bombs, capsys) -> Non
         assert resp.status_code in (413, 503), (resp.status_code, resp.content[:200])  # 503 = budget said no
         if resp.status_code == 413:
             expect_413(resp)
-    rss.assert_bounded()
+    rss.assert_bounded(CONCURRENT_RSS_BOUND)
     assert_still_serving(srv)
 
 
