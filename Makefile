@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JS_DIR := tests/interop/js
 
-.PHONY: serve test bench clean-venv
+.PHONY: serve test bench bench-assembler clean-venv
 
 # Virtualenv with the package (editable) and its test extras; re-installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +34,9 @@ test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed $(HELM)
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.receiver_bench $(BENCH_ARGS)
+
+bench-assembler: $(VENV)/.installed
+	$(PY) -m bench.assembler_bench $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
