@@ -25,6 +25,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.logs.v1.logs_pb2 import LogsData
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
@@ -237,6 +238,25 @@ def attributes(kvs) -> dict:
 
 
 # --------------------------------------------------------------------------- the Python SDK side
+
+
+class RecordingLogExporter(LogRecordExporter):
+    """Wraps a real log exporter and records the result of every ``export`` call (processors swallow it)."""
+
+    def __init__(self, inner: LogRecordExporter) -> None:
+        self.inner = inner
+        self.results: list[LogRecordExportResult] = []
+
+    def export(self, batch):
+        result = self.inner.export(batch)
+        self.results.append(result)
+        return result
+
+    def shutdown(self):
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
 
 
 class RecordingSpanExporter(SpanExporter):

@@ -16,11 +16,11 @@ from pathlib import Path
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
 
 from assembler_support import wait_for
-from interop_support import landed_local, log_records_of, metric
+from interop_support import RecordingLogExporter, landed_local, log_records_of, metric
 from normalizers.envelope import Envelope
 from serve_proc import ServeProcess
 from sinks.base import prompt_trace_id
@@ -31,25 +31,6 @@ PROMPT_2 = "c4a7e1d9-8b3f-4a6c-9e2d-5f1b7c3a9e32"
 T0 = 1_760_000_000_000_000_000
 ENV = {"TRACE_SOURCE_ASSEMBLER_PROMPT_QUIET_PERIOD_S": "1", "TRACE_SOURCE_ASSEMBLER_COMMIT_INTERVAL_S": "0.2"}
 _BIN = Path(sys.executable).with_name("trace-source")
-
-
-class RecordingLogExporter(LogRecordExporter):
-    """The real OTLP exporter, keeping each export's result."""
-
-    def __init__(self, inner: LogRecordExporter) -> None:
-        self.inner = inner
-        self.results: list[LogRecordExportResult] = []
-
-    def export(self, batch):
-        result = self.inner.export(batch)
-        self.results.append(result)
-        return result
-
-    def shutdown(self):
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
 
 
 class ClaudeCode:

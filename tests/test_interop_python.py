@@ -31,7 +31,6 @@ from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import (
     BatchLogRecordProcessor,
     InMemoryLogRecordExporter,
-    LogRecordExporter,
     LogRecordExportResult,
     SimpleLogRecordProcessor,
 )
@@ -42,6 +41,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from interop_support import (
     Landed,
+    RecordingLogExporter,
     RecordingSpanExporter,
     assert_each_span_exactly_once,
     attributes,
@@ -178,23 +178,6 @@ async def test_sdk_spans_land_exactly_once_on_kafka(tmp_path: Path, kafka_bootst
 
 
 # --------------------------------------------------------------------------- logs
-
-
-class RecordingLogExporter(LogRecordExporter):
-    def __init__(self, inner: LogRecordExporter) -> None:
-        self.inner = inner
-        self.results: list[LogRecordExportResult] = []
-
-    def export(self, batch):
-        result = self.inner.export(batch)
-        self.results.append(result)
-        return result
-
-    def shutdown(self):
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
 
 
 def send_logs(serve: ServeProcess, transport: str):
