@@ -67,6 +67,18 @@ def _len_prefix(n: int) -> bytes:
     return _SMALL_VARINTS[n] if n < 16384 else _varint(n)
 
 
+def _varint_rest(buf: bytes, i: int, first: int) -> tuple[int, int]:
+    """Finish a varint whose first byte ``first`` (>= 0x80) was read; ``i`` is the next index. Returns (value, i)."""
+    value, shift = first & 0x7F, 7
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
 class ScanError(Exception):
     """The outer levels are not the expected wire shape (should not happen after a successful parse)."""
 
@@ -83,27 +95,13 @@ def _fields(buf: bytes, start: int, end: int, flat: bool = False):
         tag = buf[i]
         i += 1
         if tag >= 0x80:  # multi-byte tag: only unknown (high-numbered) fields, never ours
-            shift, tag = 7, tag & 0x7F
-            while True:
-                b = buf[i]
-                i += 1
-                tag |= (b & 0x7F) << shift
-                if b < 0x80:
-                    break
-                shift += 7
+            tag, i = _varint_rest(buf, i, tag)
         wire_type = tag & 7
         if wire_type == 2:
             n = buf[i]
             i += 1
-            if n >= 0x80:
-                shift, n = 7, n & 0x7F
-                while True:
-                    b = buf[i]
-                    i += 1
-                    n |= (b & 0x7F) << shift
-                    if b < 0x80:
-                        break
-                    shift += 7
+            if n >= 0x80:  # the one-byte case stays inline: it is most scopes and small spans
+                n, i = _varint_rest(buf, i, n)
             value_start = i
             i += n
         elif wire_type == 0:
