@@ -36,8 +36,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,14 +47,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
-PROTOBUF = "application/x-protobuf"
+from bench.common import (
+    PROTOBUF, REPO, RESULTS_DIR, TOPIC_MAX_BYTES, LoggedProcess, ServerProcess, cpu_cores, delete_topic, environment,
+    fmt, fmt_k, java_children, machine_cpu_s, median, note_cpu_contention, percentile, process_cpu_s,
+    quiet_library_logs, results_path, say, start_harness_broker, timestamp, write_results,
+)
+
 TRACE_SOURCE = Path(sys.executable).with_name("trace-source")
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # ================================================================================================ micro mode
@@ -178,11 +175,10 @@ class Timeline:
         import psutil
 
         t = time.time()
-        m = psutil.cpu_times()
-        idle = m.idle + getattr(m, "iowait", 0.0)
+        busy, steal, _iowait = machine_cpu_s(psutil.cpu_times())
         with self._lock:
             self.times.append(t)
-            self.machine.append((sum(m) - idle, getattr(m, "steal", 0.0)))
+            self.machine.append((busy, steal))
             for pid, proc in list(self._procs.items()):
                 try:
                     with proc.oneshot():
@@ -191,7 +187,7 @@ class Timeline:
                 except psutil.Error:
                     del self._procs[pid]  # exited: its last sample stands
                     continue
-                self.cpu.setdefault(pid, []).append((t, ct.user + ct.system))
+                self.cpu.setdefault(pid, []).append((t, process_cpu_s(ct)))
                 self.rss.setdefault(pid, []).append((t, rss))
 
     def _run(self) -> None:
@@ -248,17 +244,9 @@ class Timeline:
 def cpu_breakdown(timeline: Timeline, groups: dict[str, list[int]], t0: float, t1: float) -> dict[str, float | None]:
     """CPU cores (CPU seconds / wall seconds) used between ``t0`` and ``t1`` by each group of processes, by the
     whole machine (``machine_busy``, ``machine_steal``) and by everything else (``others``)."""
-    wall = max(t1 - t0, 1e-9)
-    out: dict[str, float | None] = {}
-    for name, pids in groups.items():
-        s = timeline.cpu_s(pids, t0, t1) if pids else None
-        out[name] = None if s is None else round(s / wall, 3)
+    spent = {name: timeline.cpu_s(pids, t0, t1) if pids else None for name, pids in groups.items()}
     busy, steal = timeline.machine_s(t0, t1)
-    out["machine_busy"] = round(busy / wall, 3)
-    out["machine_steal"] = round(steal / wall, 3)
-    ours = sum(v for k, v in out.items() if k in groups and v is not None)
-    out["others"] = round(max(0.0, out["machine_busy"] - ours), 3)
-    return out
+    return cpu_cores(spent, max(t1 - t0, 1e-9), busy, steal)
 
 
 # ================================================================================================ Kafka
@@ -280,36 +268,18 @@ class Broker:
         if self.bootstrap:
             self.info = {"started_by_bench": False, "bootstrap": self.bootstrap}
             return
-        sys.path.insert(0, str(REPO))
-        from bench.receiver_bench import SERVER_JVM_OPTIONS
-        from tests import kafka_harness
-
-        say(f"[kafka] starting a single-node Kafka {kafka_harness.KAFKA_VERSION} broker (tests/kafka_harness.py, "
-            f"JVM flags: {self.args.broker_jvm}) ...")
-        t0 = time.monotonic()
-        saved = kafka_harness.JVM_OPTIONS
-        if self.args.broker_jvm == "server":
-            kafka_harness.JVM_OPTIONS = SERVER_JVM_OPTIONS  # read when the harness builds the java command line
         overrides = {"group.initial.rebalance.delay.ms": str(self.args.rebalance_delay_ms)}
-        try:
-            self.harness = kafka_harness.KafkaBroker(overrides=overrides)
-            self.harness.start()
-        finally:
-            kafka_harness.JVM_OPTIONS = saved
+        self.harness, jvm_options = start_harness_broker(self.args.broker_jvm, overrides)
         self.bootstrap = self.harness.bootstrap_servers
-        self.info = {"started_by_bench": True, "version": kafka_harness.KAFKA_VERSION, "bootstrap": self.bootstrap,
-                     "jvm_options": list(SERVER_JVM_OPTIONS if self.args.broker_jvm == "server" else saved),
-                     "overrides": overrides}
-        say(f"[kafka] broker ready at {self.bootstrap} in {time.monotonic() - t0:.1f} s")
+        self.info = {"started_by_bench": True, "version": self.harness.version, "bootstrap": self.bootstrap,
+                     "jvm_options": jvm_options, "overrides": overrides}
 
     def pids(self) -> list[int]:
         if self.harness is None:
             return []
-        from bench.receiver_bench import _java_children
+        return java_children()
 
-        return _java_children()
-
-    async def create_topic(self, topic: str, partitions: int, max_bytes: int = 1_000_000 + 64 * 1024) -> None:
+    async def create_topic(self, topic: str, partitions: int, max_bytes: int = TOPIC_MAX_BYTES) -> None:
         from sinks.kafka_admin import create_topic
 
         await create_topic(self.bootstrap, topic, partitions, max_request_size=max_bytes)
@@ -320,11 +290,9 @@ class Broker:
             self.harness.stop()
             self.harness = None
         elif self.topics:
-            from bench.receiver_bench import _delete_topic
-
             for topic in self.topics:
                 with contextlib.suppress(Exception):
-                    asyncio.run(_delete_topic(self.bootstrap, topic))
+                    asyncio.run(delete_topic(self.bootstrap, topic))
 
 
 async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
@@ -434,16 +402,8 @@ async def send_all(url: str, bodies: list[bytes], connections: int) -> dict[str,
             "failed": failed}
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return round(values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))], 1)
-
-
 async def run_receiver_phase(args, broker: Broker, workload: Workload, topic: str, timeline: Timeline,
                              work_dir: Path, stamp: str) -> ReceiverResult:
-    from bench.receiver_bench import ServerProcess
-
     cmd = [str(TRACE_SOURCE), "serve", "--port", "0", "--grpc-port", "0", "--state-dir", str(work_dir / "serve"),
            "--kafka-bootstrap-servers", broker.bootstrap, "--kafka-topic", topic]
     server = ServerProcess("trace-source serve", cmd, work_dir / "serve.log")
@@ -470,7 +430,7 @@ async def run_receiver_phase(args, broker: Broker, workload: Workload, topic: st
     result.requests_per_s = round(ok / result.window_s, 1)
     result.envelopes_per_s = round(len(workload.expected) * ok / result.requests / result.window_s)
     lat = out["latencies_ms"]
-    result.latency_ms = {"p50": _percentile(lat, 50), "p99": _percentile(lat, 99), "max": _percentile(lat, 100)}
+    result.latency_ms = {"p50": percentile(lat, 50, 1), "p99": percentile(lat, 99, 1), "max": percentile(lat, 100, 1)}
     result.retries = out["retries"]
     result.failed_requests = out["failed"]
     result.cpu_cores = cpu_breakdown(timeline, {"serve": [server.pid], "broker": broker.pids(),
@@ -488,8 +448,8 @@ async def run_receiver_phase(args, broker: Broker, workload: Workload, topic: st
     c = result.cpu_cores
     say(f"[receiver] {result.spans_per_s:,} spans/s ({result.requests_per_s} req/s) over {result.window_s:.1f} s, "
         f"p50 {result.latency_ms['p50']} ms, p99 {result.latency_ms['p99']} ms, peak RSS {result.peak_rss_mb} MB, "
-        f"{_k(result.spans_per_cpu_s)} spans per serve CPU-s; CPU cores: serve {_f(c.get('serve'))}, broker "
-        f"{_f(c.get('broker'))}, bench {_f(c.get('bench'))}, other {_f(c.get('others'))}")
+        f"{fmt_k(result.spans_per_cpu_s)} spans per serve CPU-s; CPU cores: serve {fmt(c.get('serve'))}, broker "
+        f"{fmt(c.get('broker'))}, bench {fmt(c.get('bench'))}, other {fmt(c.get('others'))}")
     records = sum(result.input_records.values())
     say(f"[receiver] input topic {topic}: {records:,} records (per partition: "
         f"{', '.join(f'{p}: {n:,}' for p, n in sorted(result.input_records.items()))}); {len(workload.expected):,} "
@@ -502,15 +462,12 @@ async def run_receiver_phase(args, broker: Broker, workload: Workload, topic: st
 # ================================================================================================ assembler phases
 
 
-class WorkerProc:
+class WorkerProc(LoggedProcess):
     """One ``trace-source worker assemble`` process; its JSON log is read incrementally."""
 
     def __init__(self, index: int, cmd: list[str], log_path: Path) -> None:
+        super().__init__(cmd, log_path)
         self.index = index
-        self.cmd = cmd
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_SOURCE_")}
         self._offset = 0
         self._partial = b""
         self.metrics_port: int | None = None
@@ -523,15 +480,6 @@ class WorkerProc:
         self.emitted_at: list[float] = []
         self.peak_open_traces = 0.0
         self.peak_buffered_mb = 0.0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def launch(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=log, stderr=log, env=self.env)
 
     def read_log(self) -> None:
         with open(self.log_path, "rb") as f:
@@ -596,24 +544,8 @@ class WorkerProc:
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout_s: float) -> int | None:
-        if self.proc is None:
-            return None
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-
     def log_tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
+        return super().log_tail(lines)
 
 
 def _ts(event: dict) -> float:
@@ -936,12 +868,12 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
     c = res.cpu_cores
     say(f"{label} {len(watcher.first_ms):,}/{expected_n:,} envelopes, {res.spans_per_s:,} spans/s, "
         f"{res.envelopes_per_s:,} envelopes/s over {res.window_s:.1f} s (+{res.startup_s} s start-up and group "
-        f"join, not counted), {_k(res.spans_per_cpu_s)} spans per worker CPU-s; CPU cores: workers "
-        f"{_f(c.get('workers'))}, broker {_f(c.get('broker'))}, bench {_f(c.get('bench'))}, other "
-        f"{_f(c.get('others'))}, machine {_f(c.get('machine_busy'))}/{os.cpu_count()}")
+        f"join, not counted), {fmt_k(res.spans_per_cpu_s)} spans per worker CPU-s; CPU cores: workers "
+        f"{fmt(c.get('workers'))}, broker {fmt(c.get('broker'))}, bench {fmt(c.get('bench'))}, other "
+        f"{fmt(c.get('others'))}, machine {fmt(c.get('machine_busy'))}/{os.cpu_count()}")
     for pw in res.per_worker:
         say(f"{label}   worker {pw['worker']}: partitions {pw['partitions']}, {pw['envelopes']:,} envelopes, "
-            f"{pw['spans']:,} spans, last at {pw['last_envelope_at_s']} s, {_f(pw['cpu_cores'])} cores "
+            f"{pw['spans']:,} spans, last at {pw['last_envelope_at_s']} s, {fmt(pw['cpu_cores'])} cores "
             f"({pw['cpu_s']} CPU-s; {pw['build_s']} s wall in build_envelope), peak RSS {pw['peak_rss_mb']} MB; "
             f"up to {pw['peak_open_traces']:,} open traces ({pw['peak_buffered_mb']} MB OTLP), longest pause between "
             f"envelopes {pw.get('longest_pause_s')} s, up to {pw.get('max_envelopes_in_1s')} envelopes in 1 s, "
@@ -950,28 +882,12 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
         say(f"{label} ERROR: {e}")
     for note in res.notes:
         say(f"{label} note: {note}")
-    if (c.get("others") or 0) > 0.25:
-        note = (f"other processes used {c['others']:.2f} cores during the window: compare spans per worker CPU-s "
-                f"rather than spans/s")
-        res.notes.append(note)
-        say(f"{label} warning: {note}")
+    note_cpu_contention(c, label, res.notes, "other processes used {others:.2f} cores during the window: compare "
+                                             "spans per worker CPU-s rather than spans/s")
     return res
 
 
 # ================================================================================================ report
-
-
-def _k(x: float | None) -> str:
-    return "-" if not x else f"{x:,.0f}"
-
-
-def _f(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _median(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return None if not vals else round(statistics.median(vals), 3)
 
 
 def summarize(phases: list[PhaseResult], worker_counts: list[int]) -> list[dict[str, Any]]:
@@ -981,15 +897,15 @@ def summarize(phases: list[PhaseResult], worker_counts: list[int]) -> list[dict[
         rows = [p for p in phases if p.workers == n]
         if not rows:
             continue
-        cores = {k: _median([r.cpu_cores.get(k) for r in rows]) for k in rows[0].cpu_cores}
+        cores = {k: median([r.cpu_cores.get(k) for r in rows]) for k in rows[0].cpu_cores}
         out.append({
             "workers": n, "rounds": len(rows),
-            "spans_per_s": _median([r.spans_per_s for r in rows]),
-            "envelopes_per_s": _median([r.envelopes_per_s for r in rows]),
-            "window_s": _median([r.window_s for r in rows]),
-            "scaling": _median([r.scaling for r in rows]),
-            "spans_per_cpu_s": _median([r.spans_per_cpu_s for r in rows]),
-            "efficiency": _median([r.efficiency for r in rows]),
+            "spans_per_s": median([r.spans_per_s for r in rows]),
+            "envelopes_per_s": median([r.envelopes_per_s for r in rows]),
+            "window_s": median([r.window_s for r in rows]),
+            "scaling": median([r.scaling for r in rows]),
+            "spans_per_cpu_s": median([r.spans_per_cpu_s for r in rows]),
+            "efficiency": median([r.efficiency for r in rows]),
             "cpu_cores": cores,
             "peak_rss_mb": [max(r.per_worker[i]["peak_rss_mb"] for r in rows) for i in range(n)],
             "errors": sum(len(r.errors) for r in rows)})
@@ -1006,18 +922,18 @@ def print_table(receiver: ReceiverResult, summary: list[dict[str, Any]], workloa
     say("-" * len(header))
     c = receiver.cpu_cores
     say(f"{'receiver (serve->Kafka)':<22} {receiver.spans_per_s:>8,.0f} {receiver.envelopes_per_s or 0:>6,.0f} "
-        f"{receiver.window_s:>8.1f} {'':>7} | {_k(receiver.spans_per_cpu_s):>11} {'':>5} | "
-        f"{_f(c.get('serve')):>4} {_f(c.get('broker')):>5} {_f(c.get('bench')):>5} {_f(c.get('others')):>5} | "
+        f"{receiver.window_s:>8.1f} {'':>7} | {fmt_k(receiver.spans_per_cpu_s):>11} {'':>5} | "
+        f"{fmt(c.get('serve')):>4} {fmt(c.get('broker')):>5} {fmt(c.get('bench')):>5} {fmt(c.get('others')):>5} | "
         f"{receiver.peak_rss_mb:<13.0f} {'ok' if not receiver.errors else 'ERROR':<5}")
     for s in summary:
         c = s["cpu_cores"]
         name = f"assembler, {s['workers']} worker{'s' if s['workers'] > 1 else ''}"
-        scaling = "1.00" if s["workers"] == 1 else _f(s["scaling"])
-        eff = "1.00" if s["workers"] == 1 else _f(s["efficiency"])
+        scaling = "1.00" if s["workers"] == 1 else fmt(s["scaling"])
+        eff = "1.00" if s["workers"] == 1 else fmt(s["efficiency"])
         rss = "/".join(f"{x:.0f}" for x in s["peak_rss_mb"])
         say(f"{name:<22} {s['spans_per_s']:>8,.0f} {s['envelopes_per_s']:>6,.0f} {s['window_s']:>8.1f} "
-            f"{scaling:>7} | {_k(s['spans_per_cpu_s']):>11} {eff:>5} | {_f(c.get('workers')):>4} "
-            f"{_f(c.get('broker')):>5} {_f(c.get('bench')):>5} {_f(c.get('others')):>5} | {rss:<13} "
+            f"{scaling:>7} | {fmt_k(s['spans_per_cpu_s']):>11} {eff:>5} | {fmt(c.get('workers')):>4} "
+            f"{fmt(c.get('broker')):>5} {fmt(c.get('bench')):>5} {fmt(c.get('others')):>5} | {rss:<13} "
             f"{'ok' if not s['errors'] else 'ERROR':<5}")
     say(f"env/s: envelopes (= traces) per second; the receiver's column counts traces made durable. x 1 wkr: spans/s "
         f"relative to 1 worker (the scaling ratio). spans/CPU-s: spans divided by the CPU seconds of the measured "
@@ -1032,14 +948,11 @@ def print_table(receiver: ReceiverResult, summary: list[dict[str, Any]], workloa
 
 def run_e2e(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO))
-    from bench.receiver_bench import _environment, _quiet_library_logs
-
-    _quiet_library_logs()
+    quiet_library_logs()
     worker_counts = [int(x) for x in args.workers.split(",") if x.strip()]
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out_path = args.output or RESULTS_DIR / f"assembler-{stamp}.json"
-    env = _environment()
+    stamp = timestamp()
+    out_path = results_path(args.output, f"assembler-{stamp}.json")
+    env = environment()
     with contextlib.suppress(Exception):  # the code under test may be uncommitted work: say which files differ
         env["worktree_changes"] = subprocess.run(
             ["git", "status", "--porcelain", "--", "pipeline", "normalizers", "receiver", "sinks", "trace_source"],
@@ -1121,8 +1034,7 @@ def run_e2e(args: argparse.Namespace) -> int:
         "phases": [asdict(p) for p in phases],
         "errors": errors,
     }
-    out_path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    say(f"\nresults: {out_path}")
+    write_results(out_path, doc)
     if errors:
         say(f"{len(errors)} error(s); see above and the JSON")
     return 1 if errors or not phases else 0

@@ -31,10 +31,8 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import pickle
-import platform
 import signal
 import subprocess
 import sys
@@ -46,8 +44,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
+from bench.common import (
+    PROTOBUF, REPO, TOPIC_MAX_BYTES, ServerProcess, cpu_cores, delete_topic, environment, fmt, fmt_k, java_children,
+    machine_cpu_s, median, note_cpu_contention, percentile, process_cpu_s, quiet_library_logs, results_path, say,
+    start_harness_broker, timestamp, write_results,
+)
+
 TARGETS = ("reference", "kafka", "local")
 TARGET_TITLES = {
     "reference": "reference (parse only)",
@@ -55,19 +57,6 @@ TARGET_TITLES = {
     "local": "trace-source -> local log",
 }
 COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
-PROTOBUF = "application/x-protobuf"
-
-# JVM flags of a broker started by bin/kafka-server-start.sh (KAFKA_HEAP_OPTS, KAFKA_JVM_PERFORMANCE_OPTS), used
-# with --broker-jvm server. The test harness's own flags (C1-only JIT, SerialGC) favour start-up time over
-# throughput.
-SERVER_JVM_OPTIONS = (
-    "-Xms1g", "-Xmx1g", "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-    "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true",
-)
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # ================================================================================================ load generator
@@ -203,72 +192,6 @@ def _readline(stream, timeout_s: float) -> str:
     return box[0]
 
 
-# ================================================================================================ server processes
-
-
-class ServerProcess:
-    """A server started as ``cmd``; ready once its log (stdout+stderr) has the JSON ``serving`` event."""
-
-    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
-        self.name = name
-        self.cmd = cmd
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.serving: dict[str, Any] = {}
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_SOURCE_")}
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.serving['http_port']}/v1/traces"
-
-    def start(self, timeout_s: float = 60.0) -> "ServerProcess":
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=log, stderr=log, env=self.env)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                if '"serving"' in line:
-                    with contextlib.suppress(ValueError):
-                        event = json.loads(line)
-                        if event.get("event") == "serving":
-                            self.serving = event
-                            return self
-            time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(f"{self.name} did not start within {timeout_s:.0f}s:\n{self.log_tail()}")
-
-    def signal(self, signum: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signum)
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.proc is None:
-            return None
-        self.signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
-
-
 # ================================================================================================ sampling
 
 
@@ -312,16 +235,8 @@ def _cpu_seconds(pids: list[int]) -> float | None:
             t = psutil.Process(pid).cpu_times()
         except psutil.Error:
             return None
-        total += t.user + t.system
+        total += process_cpu_s(t)
     return total
-
-
-def _java_children() -> list[int]:
-    """PIDs of JVMs started (directly or not) by this process: the broker(s) of the Kafka harness."""
-    import psutil
-
-    return [p.pid for p in psutil.Process().children(recursive=True)
-            if "java" in (p.name() or "").lower()]
 
 
 class CpuWindow:
@@ -346,19 +261,13 @@ class CpuWindow:
     def end(self) -> None:
         end = self._snapshot()
         wall = end["_t"] - self.start["_t"]
-        out: dict[str, float | None] = {}
+        spent: dict[str, float | None] = {}
         for name in self.groups:
             a, b = self.start.get(name), end.get(name)
-            out[name] = None if a is None or b is None else round((b - a) / wall, 3)
-        m0, m1 = self.start["_machine"], end["_machine"]
-        total = sum(m1) - sum(m0)
-        idle = (m1.idle + getattr(m1, "iowait", 0.0)) - (m0.idle + getattr(m0, "iowait", 0.0))
-        out["machine_busy"] = round((total - idle) / wall, 3)
-        out["machine_steal"] = round((getattr(m1, "steal", 0.0) - getattr(m0, "steal", 0.0)) / wall, 3)
-        out["machine_iowait"] = round((getattr(m1, "iowait", 0.0) - getattr(m0, "iowait", 0.0)) / wall, 3)
-        ours = sum(v for k, v in out.items() if k in self.groups and v is not None)
-        out["others"] = round(max(0.0, out["machine_busy"] - ours), 3)
-        self.result = out
+            spent[name] = None if a is None or b is None else b - a
+        (busy0, steal0, iowait0), (busy1, steal1, iowait1) = (machine_cpu_s(self.start["_machine"]),
+                                                              machine_cpu_s(end["_machine"]))
+        self.result = cpu_cores(spent, wall, busy1 - busy0, steal1 - steal0, iowait1 - iowait0)
 
 
 # ================================================================================================ one target
@@ -386,13 +295,6 @@ class TargetResult:
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
-
-
-def _percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    idx = min(len(sorted_values) - 1, max(0, math.ceil(q / 100.0 * len(sorted_values)) - 1))  # nearest rank
-    return round(sorted_values[idx], 2)
 
 
 def run_load(server: ServerProcess, args: argparse.Namespace, payloads_path: Path, work_dir: Path,
@@ -433,8 +335,8 @@ def run_load(server: ServerProcess, args: argparse.Namespace, payloads_path: Pat
     result.requests_per_s = round(result.ok_requests / args.duration, 1)
     result.spans_per_s = round(result.ok_requests * args.spans_per_request / args.duration, 0)
     result.mib_per_s = round(sum(o["bytes"] for o in outs) / 2**20 / args.duration, 1)
-    result.latency_ms = {"p50": _percentile(latencies, 50), "p90": _percentile(latencies, 90),
-                         "p99": _percentile(latencies, 99), "max": round(latencies[-1], 2) if latencies else None,
+    result.latency_ms = {"p50": percentile(latencies, 50, 2), "p90": percentile(latencies, 90, 2),
+                         "p99": percentile(latencies, 99, 2), "max": round(latencies[-1], 2) if latencies else None,
                          "mean": round(sum(latencies) / len(latencies), 2) if latencies else None}
     result.cpu_cores = cpu.result
     gen_cpu = sum(o["cpu_s"] for o in outs) / args.duration
@@ -469,41 +371,25 @@ class KafkaForBench:
         self.args = args
         self.broker = None
         self.bootstrap: str = args.kafka_bootstrap or ""
-        self.topic = f"trace-source.bench-{datetime.now():%Y%m%d-%H%M%S}"
+        self.topic = f"trace-source.bench-{timestamp()}"
         self.info: dict[str, Any] = {}
 
     def start(self) -> None:
         if not self.bootstrap:
-            sys.path.insert(0, str(REPO))
-            from tests import kafka_harness
-
-            say(f"[kafka] starting a single-node Kafka {kafka_harness.KAFKA_VERSION} broker (tests/kafka_harness.py, "
-                f"JVM flags: {self.args.broker_jvm}) ...")
-            t0 = time.monotonic()
-            saved = kafka_harness.JVM_OPTIONS
-            if self.args.broker_jvm == "server":
-                # The harness reads this module constant when it builds the java command line.
-                kafka_harness.JVM_OPTIONS = SERVER_JVM_OPTIONS
-            try:
-                self.broker = kafka_harness.KafkaBroker()
-                self.broker.start()
-            finally:
-                kafka_harness.JVM_OPTIONS = saved
+            self.broker, jvm_options = start_harness_broker(self.args.broker_jvm)
             self.bootstrap = self.broker.bootstrap_servers
-            self.info = {"started_by_bench": True, "version": kafka_harness.KAFKA_VERSION,
-                         "jvm_options": list(SERVER_JVM_OPTIONS if self.args.broker_jvm == "server" else saved)}
-            say(f"[kafka] broker ready at {self.bootstrap} in {time.monotonic() - t0:.1f} s")
+            self.info = {"started_by_bench": True, "version": self.broker.version, "jvm_options": jvm_options}
         else:
             self.info = {"started_by_bench": False}
         from sinks.kafka_admin import create_topic
 
         asyncio.run(create_topic(self.bootstrap, self.topic, self.args.partitions,
-                                 max_request_size=1_000_000 + 64 * 1024))
+                                 max_request_size=TOPIC_MAX_BYTES))
         self.info.update(bootstrap=self.bootstrap, topic=self.topic, partitions=self.args.partitions)
         say(f"[kafka] topic {self.topic} created ({self.args.partitions} partitions)")
 
     def cpu_groups(self) -> dict[str, list[int]]:
-        return {"broker": _java_children()} if self.broker is not None else {}
+        return {"broker": java_children()} if self.broker is not None else {}
 
     def stop(self) -> None:
         if self.broker is not None:
@@ -511,18 +397,7 @@ class KafkaForBench:
             self.broker = None
         elif self.bootstrap and self.args.kafka_bootstrap:
             with contextlib.suppress(Exception):
-                asyncio.run(_delete_topic(self.bootstrap, self.topic))
-
-
-async def _delete_topic(bootstrap: str, topic: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([topic])
-    finally:
-        await admin.close()
+                asyncio.run(delete_topic(self.bootstrap, self.topic))
 
 
 def run_target(target: str, args: argparse.Namespace, payloads_path: Path, work_dir: Path,
@@ -561,26 +436,16 @@ def run_target(target: str, args: argparse.Namespace, payloads_path: Path, work_
     c = result.cpu_cores
     say(f"[{target}] {result.spans_per_s:,.0f} spans/s, {result.requests_per_s:,.1f} req/s, "
         f"p50 {result.latency_ms['p50']} ms, p99 {result.latency_ms['p99']} ms, {result.error_count} errors, "
-        f"peak RSS {result.peak_rss_mb} MB, {_fmt_k(result.spans_per_server_cpu_s)} spans per server CPU-s; CPU cores: server {_fmt(c.get('server'))}, "
-        f"generator {_fmt(c.get('generator'))}, broker {_fmt(c.get('broker'))}, "
-        f"other processes {_fmt(c.get('others'))}, machine {_fmt(c.get('machine_busy'))}/{os.cpu_count()} "
-        f"(steal {_fmt(c.get('machine_steal'))})")
+        f"peak RSS {result.peak_rss_mb} MB, {fmt_k(result.spans_per_server_cpu_s)} spans per server CPU-s; CPU cores: server {fmt(c.get('server'))}, "
+        f"generator {fmt(c.get('generator'))}, broker {fmt(c.get('broker'))}, "
+        f"other processes {fmt(c.get('others'))}, machine {fmt(c.get('machine_busy'))}/{os.cpu_count()} "
+        f"(steal {fmt(c.get('machine_steal'))})")
     if result.errors:
         say(f"[{target}] errors by status: {result.errors}")
-    if (c.get("others") or 0) > 0.25:
-        note = (f"other processes used {c['others']:.2f} of {os.cpu_count()} cores during the window: this target "
-                f"competed for CPU, compare spans per server CPU-s rather than spans/s")
-        result.notes.append(note)
-        say(f"[{target}] warning: {note}")
+    note_cpu_contention(c, f"[{target}]", result.notes,
+                        f"other processes used {{others:.2f}} of {os.cpu_count()} cores during the window: this "
+                        f"target competed for CPU, compare spans per server CPU-s rather than spans/s")
     return result
-
-
-def _fmt_k(x: float | None) -> str:
-    return "-" if not x else f"{x:,.0f}"
-
-
-def _fmt(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 # ================================================================================================ profiling
@@ -683,14 +548,6 @@ def report_profile(pstats_path: Path, top: int, wall_s: float, clock: str) -> di
 # ================================================================================================ main
 
 
-def _median(values: list[float | None]) -> float | None:
-    vals = sorted(v for v in values if v is not None)
-    if not vals:
-        return None
-    mid = len(vals) // 2
-    return vals[mid] if len(vals) % 2 else round((vals[mid - 1] + vals[mid]) / 2, 3)
-
-
 def summarize(rounds: list[TargetResult]) -> TargetResult:
     """One row per target: medians over rounds (each figure separately), errors summed, peak RSS the maximum."""
     if len(rounds) == 1:
@@ -699,14 +556,14 @@ def summarize(rounds: list[TargetResult]) -> TargetResult:
     out = TargetResult(r0.target, server=r0.server, round=0, window_s=r0.window_s)
     for name in ("spans_per_s", "requests_per_s", "mib_per_s", "spans_per_server_cpu_s", "ratio_to_reference",
                  "cpu_efficiency_ratio_to_reference"):
-        setattr(out, name, _median([getattr(r, name) for r in rounds]))
+        setattr(out, name, median([getattr(r, name) for r in rounds]))
     out.ok_requests = sum(r.ok_requests for r in rounds)
     for r in rounds:
         for k, v in r.errors.items():
             out.errors[k] = out.errors.get(k, 0) + v
         out.notes += r.notes
-    out.latency_ms = {k: _median([r.latency_ms.get(k) for r in rounds]) for k in r0.latency_ms}
-    out.cpu_cores = {k: _median([r.cpu_cores.get(k) for r in rounds]) for k in r0.cpu_cores}
+    out.latency_ms = {k: median([r.latency_ms.get(k) for r in rounds]) for k in r0.latency_ms}
+    out.cpu_cores = {k: median([r.cpu_cores.get(k) for r in rounds]) for k in r0.cpu_cores}
     out.peak_rss_mb = max(r.peak_rss_mb for r in rounds)
     return out
 
@@ -726,48 +583,14 @@ def _print_table(results: list[TargetResult], rounds: int) -> None:
         c = r.cpu_cores
         per_cpu = "-" if not r.spans_per_server_cpu_s else f"{r.spans_per_server_cpu_s:,.0f}"
         say(f"{TARGET_TITLES[r.target]:<26} {r.spans_per_s:>9,.0f} {r.requests_per_s:>7,.1f} "
-            f"{_fmt(r.latency_ms.get('p50'), 1):>7} {_fmt(r.latency_ms.get('p99'), 1):>7} {r.error_count:>6} "
+            f"{fmt(r.latency_ms.get('p50'), 1):>7} {fmt(r.latency_ms.get('p99'), 1):>7} {r.error_count:>6} "
             f"{r.peak_rss_mb:>6.0f} {ratio:>13} | {per_cpu:>11} {eff:>7} | "
-            f"{_fmt(c.get('server')):>4} {_fmt(c.get('generator')):>4} {_fmt(c.get('broker')):>5} "
-            f"{_fmt(c.get('others')):>5}")
+            f"{fmt(c.get('server')):>4} {fmt(c.get('generator')):>4} {fmt(c.get('broker')):>5} "
+            f"{fmt(c.get('others')):>5}")
     say(f"x% of ceiling: spans/s relative to the reference. spans/CPU-s: spans/s divided by the server's CPU use, "
         f"and x% eff. that relative to the reference (less sensitive to other load on the machine). Last four "
         f"columns: CPU cores used in the window by the server, the load generator, the broker JVM (when started "
         f"by the bench) and all other processes (this machine has {os.cpu_count()} cores).")
-
-
-def _environment() -> dict[str, Any]:
-    import aiohttp
-    import google.protobuf
-    import psutil
-    from google.protobuf.internal import api_implementation
-
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    git = {}
-    with contextlib.suppress(Exception):
-        git["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                       check=True).stdout.strip()
-        git["dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                                           text=True, check=True).stdout.strip())
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model, "memory_gb": round(psutil.virtual_memory().total /
-            2**30, 1), "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
-            "platform": platform.platform(), "aiohttp": aiohttp.__version__,
-            "protobuf": google.protobuf.__version__, "protobuf_backend": api_implementation.Type(), "git": git}
-
-
-def _quiet_library_logs() -> None:
-    """Only warnings from structlog users (sinks.kafka_admin) and aiokafka in the bench's own output."""
-    import logging
-
-    import structlog
-
-    logging.basicConfig(level=logging.WARNING)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -841,14 +664,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or (args.profile and args.rounds != 1):
         build_parser().error("--rounds must be >= 1 (and 1 with --profile)")
     sys.path.insert(0, str(REPO))
-    _quiet_library_logs()
+    quiet_library_logs()
     from bench.payloads import make_genai_request
 
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out_path = args.output or RESULTS_DIR / (f"profile-{args.profile}-{stamp}.json" if args.profile
-                                             else f"receiver-{stamp}.json")
-    env = _environment()
+    stamp = timestamp()
+    out_path = results_path(args.output, f"profile-{args.profile}-{stamp}.json" if args.profile
+                            else f"receiver-{stamp}.json")
+    env = environment()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="trace-source-bench-") as tmp:
         work_dir = Path(tmp)
@@ -911,8 +733,7 @@ def main(argv: list[str] | None = None) -> int:
                    for r in results],
         "profile": profile,
     }
-    out_path.write_text(json.dumps(doc, indent=2) + "\n")
-    say(f"\nresults: {out_path}")
+    write_results(out_path, doc)
     return 1 if any(r.error_count or r.ok_requests == 0 for r in results) else 0
 
 
