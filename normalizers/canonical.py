@@ -177,6 +177,15 @@ def spans_from_traces_data(data: TracesData | bytes) -> list[CanonicalSpan]:
     return out
 
 
+def log_event_identity(e: CanonicalLogEvent) -> tuple[str, int, int, int, str]:
+    """What tells two log records apart: (span id, time ns, observed time ns, severity number, event name).
+
+    Log records carry no id of their own; the assembler drops records with the same identity as duplicates
+    (exporter retries) and the idempotency key of a span-less trace hashes these tuples.
+    """
+    return (e.span_id, e.time_unix_nano, e.observed_time_unix_nano, e.severity_number, e.event_name)
+
+
 def log_events_from_logs_data(data: LogsData | bytes) -> list[CanonicalLogEvent]:
     """All log records of a ``LogsData`` (message or serialized bytes), in order (models built as in
     :func:`spans_from_traces_data`)."""

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from normalizers.agent_run import AgentRun
-from normalizers.canonical import CanonicalLogEvent, CanonicalSpan
+from normalizers.canonical import CanonicalLogEvent, CanonicalSpan, log_event_identity
 
 #: Value of :attr:`Envelope.schema_version`. The suffix is the major version of the envelope schema; see
 #: "Versioning" in ``docs/envelope.md`` for what changes it.
@@ -87,8 +87,7 @@ def envelope_idempotency_key(trace_id: str, spans: Iterable[CanonicalSpan],
     for span_id, end, status in triples:
         h.update(f"{span_id} {end} {status}\n".encode())
     if not triples:
-        for e in sorted({(e.span_id, e.time_unix_nano, e.observed_time_unix_nano, e.severity_number, e.event_name)
-                         for e in log_events}):
+        for e in sorted({log_event_identity(e) for e in log_events}):
             h.update(("log %s %d %d %d %s\n" % e).encode())
     return h.hexdigest()
 

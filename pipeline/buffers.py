@@ -54,6 +54,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.logs.v1.logs_pb2 import LogsData
 from opentelemetry.proto.trace.v1.trace_pb2 import Status, TracesData
 
+from normalizers.canonical import log_event_identity
 from pipeline.bus import BusRecord
 from sinks.base import (
     HEADER_RECEIVED_AT, HEADER_SIGNAL, HEADER_SOURCE_ID, HEADER_TRANSPORT, SIGNAL_LOGS, SIGNAL_TRACES,
@@ -147,6 +148,7 @@ def decode_record(rec: BusRecord) -> Decoded:
                                                   if kv.key == "event.name"), "")
                     facts = out.setdefault(tid.hex(), TraceFacts())
                     facts.prompt_keyed = facts.prompt_keyed or prompt_keyed
+                    # The same tuple as normalizers.canonical.log_event_identity, read from the protobuf directly.
                     facts.logs.add((lr.span_id.hex(), lr.time_unix_nano, lr.observed_time_unix_nano,
                                     lr.severity_number, name))
         return Decoded(out, untraced)
@@ -216,8 +218,7 @@ class ClosedInfo:
     def from_envelope(cls, env: "Envelope", nbytes: int = 0) -> "ClosedInfo":
         return cls(version=env.envelope_version,
                    spans={s.span_id: (s.end_time_unix_nano, s.status_code) for s in env.spans},
-                   logs={(e.span_id, e.time_unix_nano, e.observed_time_unix_nano, e.severity_number, e.event_name)
-                         for e in env.log_events},
+                   logs={log_event_identity(e) for e in env.log_events},
                    root_ended=any(not s.parent_span_id and s.end_time_unix_nano > 0 for s in env.spans),
                    prior=env, nbytes=nbytes)
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections import Counter
 
 from normalizers.agent_run import build_agent_run
-from normalizers.canonical import CanonicalLogEvent, CanonicalSpan, log_events_from_logs_data, spans_from_traces_data
+from normalizers.canonical import (CanonicalLogEvent, CanonicalSpan, log_event_identity, log_events_from_logs_data,
+                                   spans_from_traces_data)
 from normalizers.envelope import Completeness, Envelope, RedactionReport, Source, envelope_idempotency_key, repository_from
 from normalizers.redact import Redactor
 from pipeline.buffers import ClosedTrace, log_event_in_trace
@@ -27,22 +28,18 @@ DEFAULT_SOURCE_KIND = "otlp"
 DEFAULT_SOURCE_ID = "unknown"
 
 
-def _log_id(e: CanonicalLogEvent) -> tuple:
-    return (e.span_id, e.time_unix_nano, e.observed_time_unix_nano, e.severity_number, e.event_name)
-
-
 def collect(closed: ClosedTrace) -> tuple[list[CanonicalSpan], list[CanonicalLogEvent]]:
     """The trace's canonical spans (ordered by start time, span id) and log events (ordered by time)."""
     spans: dict[str, CanonicalSpan] = {}
     logs: dict[tuple, CanonicalLogEvent] = {}
     if closed.prior is not None:
         spans = {s.span_id: s for s in closed.prior.spans}
-        logs = {_log_id(e): e for e in closed.prior.log_events}
+        logs = {log_event_identity(e): e for e in closed.prior.log_events}
     for rec in closed.records:
         if rec.signal == SIGNAL_LOGS:
             for e in log_events_from_logs_data(rec.value):
                 if (e := log_event_in_trace(e, closed.trace_id)) is not None:  # own id, or prompt-keyed
-                    logs.setdefault(_log_id(e), e)
+                    logs.setdefault(log_event_identity(e), e)
             continue
         for s in spans_from_traces_data(rec.value):
             if s.trace_id != closed.trace_id:
@@ -51,7 +48,7 @@ def collect(closed: ClosedTrace) -> tuple[list[CanonicalSpan], list[CanonicalLog
             if old is None or s.end_time_unix_nano > old.end_time_unix_nano:
                 spans[s.span_id] = s
     ordered_spans = sorted(spans.values(), key=lambda s: (s.start_time_unix_nano, s.span_id))
-    ordered_logs = sorted(logs.values(), key=lambda e: (e.time_unix_nano or e.observed_time_unix_nano, _log_id(e)))
+    ordered_logs = sorted(logs.values(), key=lambda e: (e.time_unix_nano or e.observed_time_unix_nano, log_event_identity(e)))
     return ordered_spans, ordered_logs
 
 

@@ -16,6 +16,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from sinks.base import SIGNAL_LOGS, SIGNAL_TRACES, Batch, Record, RecordTooLarge, SinkUnavailable
 from sinks.kafka import KafkaSink
 from sinks.kafka_admin import create_topic
+from tests.sink_support import make_batch
 
 pytestmark = pytest.mark.kafka
 
@@ -23,22 +24,6 @@ pytestmark = pytest.mark.kafka
 def fresh_topic_name() -> str:
     """For tests that create the topic themselves (the ``kafka_topic`` fixture already creates it)."""
     return f"test-sink-{uuid.uuid4().hex[:12]}"
-
-
-def make_batch(batch_id: int, records: int, *, value_size: int = 100) -> Batch:
-    return Batch(
-        records=[
-            Record(
-                key=f"{batch_id:016x}{i:016x}".encode(),
-                value=f"{batch_id}:{i}:".encode().ljust(value_size, b"."),
-                signal=SIGNAL_TRACES,
-                item_count=1,
-            )
-            for i in range(records)
-        ],
-        source_id="test-source",
-        received_at_ns=1_700_000_000_000_000_000 + batch_id,
-    )
 
 
 async def consume_until(bootstrap: str, topic: str, done: Callable[[list], bool], timeout_s: float = 30.0) -> list:

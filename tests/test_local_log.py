@@ -16,25 +16,9 @@ import pytest
 
 from sinks.base import SIGNAL_LOGS, SIGNAL_TRACES, SPANS_TOPIC, VALUE_CONTENT_TYPE, Batch, Record, SinkUnavailable
 from sinks.local_log import LocalLogReader, LocalLogSink
+from tests.sink_support import make_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_batch(batch_id: int, records: int, *, value_size: int = 64, source_id: str = "test-source") -> Batch:
-    """A batch whose records identify themselves: key = batch id and record index, value starts with both."""
-    return Batch(
-        records=[
-            Record(
-                key=f"{batch_id:016x}{i:016x}".encode(),
-                value=f"{batch_id}:{i}:".encode().ljust(value_size, b"."),
-                signal=SIGNAL_TRACES,
-                item_count=1,
-            )
-            for i in range(records)
-        ],
-        source_id=source_id,
-        received_at_ns=1_700_000_000_000_000_000 + batch_id,
-    )
 
 
 def ids(key: str) -> tuple[int, int]:
@@ -209,7 +193,7 @@ async def test_full_log_fails_writes_clearly_and_recovers(tmp_path: Path) -> Non
 CRASH_WRITER = textwrap.dedent(
     """
     import asyncio, sys
-    from tests.test_local_log import make_batch
+    from tests.sink_support import make_batch
     from sinks.local_log import LocalLogSink
 
     async def main(state_dir, fsync):

@@ -24,6 +24,12 @@ from trace_source.settings import ServeSettings
 log = structlog.get_logger("trace_source.serve")
 
 
+def kafka_request_size(settings: ServeSettings) -> int:
+    """Producer ``max_request_size`` and topic ``max.message.bytes`` (bytes): the largest record plus room for its
+    key, headers and batch overhead, never below Kafka's 1 MiB default."""
+    return max(settings.max_record_bytes + 64 * 1024, 1048576)
+
+
 def build_sink(settings: ServeSettings) -> Sink:
     """Kafka when bootstrap servers are configured, else the embedded durable log under ``state_dir``."""
     if settings.kafka_bootstrap_servers:
@@ -34,7 +40,7 @@ def build_sink(settings: ServeSettings) -> Sink:
             topic=settings.kafka_topic,
             compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
             linger_ms=settings.kafka_linger_ms,
-            max_request_size=max(settings.max_record_bytes + 64 * 1024, 1048576),
+            max_request_size=kafka_request_size(settings),
             write_timeout_s=settings.sink_timeout_s,
             retry_after_s=settings.retry_after_s,
         )
@@ -75,7 +81,7 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> Non
 
         created = await create_topic(settings.kafka_bootstrap_servers, settings.kafka_topic,
                                      settings.kafka_partitions, settings.kafka_replication_factor,
-                                     max_request_size=max(settings.max_record_bytes + 64 * 1024, 1048576))
+                                     max_request_size=kafka_request_size(settings))
         log.info("topic checked", topic=settings.kafka_topic, created=created)
     await sink.start()
 

@@ -28,7 +28,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ -> fake_llm
 
@@ -53,6 +53,27 @@ ERROR_MODEL = os.environ.get("DIALECT_ERROR_MODEL", "gpt-fake-error")
 def get_weather(city: str) -> str:
     """The tool every agent calls: deterministic, no I/O."""
     return TOOL_RESULT if city.lower() == "paris" else f"no data for {city}"
+
+
+def tool_loop(client: Any, model: str, task: str, tool: Callable[..., str],
+              first_call: Callable[[str, list[dict]], dict] | None = None) -> str:
+    """The agent every OpenAI-client script runs: task -> LLM tool call -> ``tool`` -> LLM final answer.
+
+    ``client``: an (instrumented) ``openai.OpenAI``; ``first_call(model, messages)``: replaces the first, tool-call
+    turn (e.g. streamed) and returns the assistant message as a dict. Returns the final answer text.
+    """
+    messages: list[dict] = [{"role": "user", "content": task}]
+    if first_call is None:
+        first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
+        assistant = first.choices[0].message.model_dump(exclude_none=True)
+    else:
+        assistant = first_call(model, messages)
+    messages.append(assistant)
+    for call in assistant.get("tool_calls") or []:
+        result = tool(**json.loads(call["function"]["arguments"]))
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+    final = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
+    return final.choices[0].message.content or ""
 
 
 class _CountingSpanExporter(SpanExporter):

@@ -11,10 +11,9 @@ expose its exporter); the test checks that the spans landed instead.
 
 from __future__ import annotations
 
-import json
 import os
 
-from _common import ERROR_MODEL, LLM_BASE_URL, MODEL, OTLP_URL, TASK, WEATHER_TOOL, Harness
+from _common import ERROR_MODEL, LLM_BASE_URL, MODEL, OTLP_URL, TASK, Harness, tool_loop
 from _common import get_weather as weather_impl
 
 SESSION_ID = "session-weather-1"
@@ -42,15 +41,7 @@ def get_weather(city: str) -> str:
 @observe(name="weather-agent", as_type="agent")
 def run_agent(task: str, model: str) -> str:
     with propagate_attributes(session_id=SESSION_ID, user_id=USER_ID):
-        messages: list[dict] = [{"role": "user", "content": task}]
-        first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
-        assistant = first.choices[0].message
-        messages.append(assistant.model_dump(exclude_none=True))
-        for call in assistant.tool_calls or []:
-            result = get_weather(**json.loads(call.function.arguments))
-            messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
-        final = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
-        return final.choices[0].message.content or ""
+        return tool_loop(client, model, task, get_weather)
 
 
 with h.scenario("ok") as info:

@@ -8,9 +8,8 @@ plain, so both response paths of the instrumentation are exercised. ``error``: t
 
 from __future__ import annotations
 
-import json
 
-from _common import ERROR_MODEL, LLM_BASE_URL, MODEL, TASK, WEATHER_TOOL, Harness
+from _common import ERROR_MODEL, LLM_BASE_URL, MODEL, TASK, WEATHER_TOOL, Harness, tool_loop
 from _common import get_weather as weather_impl
 
 h = Harness("dialect-openinference")
@@ -53,14 +52,7 @@ def first_call(model: str, messages: list[dict]) -> dict:
 
 @tracer.agent(name="weather-agent")
 def run_agent(task: str, model: str) -> str:
-    messages: list[dict] = [{"role": "user", "content": task}]
-    assistant = first_call(model, messages)
-    messages.append(assistant)
-    for call in assistant.get("tool_calls", []):
-        result = get_weather(**json.loads(call["function"]["arguments"]))
-        messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
-    final = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
-    return final.choices[0].message.content or ""
+    return tool_loop(client, model, task, get_weather, first_call)
 
 
 with h.scenario("ok") as info:

@@ -13,9 +13,7 @@ Content capture is on (``TRACELOOP_TRACE_CONTENT`` defaults to true). ``error``:
 
 from __future__ import annotations
 
-import json
-
-from _common import ERROR_MODEL, LLM_BASE_URL, MODEL, TASK, WEATHER_TOOL, Harness, get_weather
+from _common import ERROR_MODEL, LLM_BASE_URL, MODEL, TASK, Harness, get_weather, tool_loop
 
 h = Harness("dialect-openllmetry")
 
@@ -29,15 +27,7 @@ client = openai.OpenAI(base_url=LLM_BASE_URL, api_key="sk-fake", max_retries=0)
 
 def run_agent(model: str) -> str:
     with tracer.start_as_current_span("weather-agent"):
-        messages: list[dict] = [{"role": "user", "content": TASK}]
-        first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
-        assistant = first.choices[0].message
-        messages.append(assistant.model_dump(exclude_none=True))
-        for call in assistant.tool_calls or []:
-            result = get_weather(**json.loads(call.function.arguments))
-            messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
-        final = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
-        return final.choices[0].message.content or ""
+        return tool_loop(client, model, TASK, get_weather)
 
 
 with h.scenario("ok") as info:
