@@ -89,6 +89,10 @@ class CanonicalSpan(BaseModel):
     trace_id: str
     span_id: str
     parent_span_id: str = ""
+    parent_is_remote: bool | None = None
+    """Whether the parent span lives in another process (OTLP ``Span.flags`` bit ``SPAN_FLAGS_CONTEXT_IS_REMOTE``,
+    valid only when ``SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE`` is set); ``None`` when the exporter did not say (SDKs
+    before OTLP 1.1). A span with a remote parent is the *local root* of its process's part of the trace."""
     name: str
     kind: str = "UNSPECIFIED"
     start_time_unix_nano: int = 0
@@ -104,6 +108,17 @@ class CanonicalSpan(BaseModel):
     @property
     def is_root(self) -> bool:
         return not self.parent_span_id
+
+    @property
+    def is_local_root(self) -> bool:
+        """True for a span whose parent is remote (propagated ``traceparent`` from a caller whose spans go
+        elsewhere): the top of this process's run, treated like a root by the assembler and the grader."""
+        return bool(self.parent_span_id) and self.parent_is_remote is True
+
+    @property
+    def is_run_root(self) -> bool:
+        """:attr:`is_root` or :attr:`is_local_root`."""
+        return not self.parent_span_id or self.parent_is_remote is True
 
 
 class CanonicalLogEvent(BaseModel):
@@ -164,7 +179,8 @@ def spans_from_traces_data(data: TracesData | bytes) -> list[CanonicalSpan]:
                 status = sp.status
                 out.append(trusted(CanonicalSpan, {
                     "trace_id": sp.trace_id.hex(), "span_id": sp.span_id.hex(),
-                    "parent_span_id": sp.parent_span_id.hex(), "name": sp.name,
+                    "parent_span_id": sp.parent_span_id.hex(),
+                    "parent_is_remote": parent_is_remote(sp.flags), "name": sp.name,
                     "kind": kinds.get(sp.kind, "UNSPECIFIED"),
                     "start_time_unix_nano": sp.start_time_unix_nano, "end_time_unix_nano": sp.end_time_unix_nano,
                     "status_code": statuses.get(status.code, "UNSET"), "status_message": status.message,
@@ -175,6 +191,18 @@ def spans_from_traces_data(data: TracesData | bytes) -> list[CanonicalSpan]:
                                                  "attributes": attributes(lk.attributes)}) for lk in sp.links],
                     "resource": resource, "scope": scope}))
     return out
+
+
+#: OTLP ``SpanFlags`` bits (trace.proto): the exporter says whether the parent is remote, and whether it is.
+SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK = 0x100
+SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK = 0x200
+
+
+def parent_is_remote(flags: int) -> bool | None:
+    """OTLP ``Span.flags`` -> is the parent remote? ``None`` when ``SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE`` is unset."""
+    if not flags & SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK:
+        return None
+    return bool(flags & SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK)
 
 
 def log_event_identity(e: CanonicalLogEvent) -> tuple[str, int, int, int, str]:

@@ -137,7 +137,13 @@ class Completeness(BaseModel):
 
     root_seen: bool = Field(description=(
         "True when a span without a parent (the trace's root) was received. False means the trace was closed "
-        "without its root, so the agent-run view may miss the run's input, output and final status."))
+        "without its root, so the agent-run view may miss the run's input, output and final status. A local root "
+        "(see root_is_local) counts as the root."))
+    root_is_local: bool = Field(False, description=(
+        "True when the trace has no span without a parent but has a *local root*: a span whose parent is remote "
+        "(OTLP span flags CONTEXT_HAS_IS_REMOTE and CONTEXT_IS_REMOTE), as when an agent runs behind an API that "
+        "propagates traceparent from a caller whose spans go elsewhere. Its parent never arrives; the trace is "
+        "closed and graded as complete once the local root ended."))
     closed_reason: ClosedReason = Field(description=(
         "Why the trace was closed: 'root-ended-and-quiet' (the root ended and no span arrived for the quiet "
         "period), 'quiet' (a run of log events only, e.g. a Claude Code prompt, with no root that could end: no "

@@ -54,7 +54,8 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.logs.v1.logs_pb2 import LogsData
 from opentelemetry.proto.trace.v1.trace_pb2 import Status, TracesData
 
-from normalizers.canonical import log_event_identity
+from normalizers.canonical import (SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK,
+                                   log_event_identity)
 from pipeline.bus import BusRecord
 from sinks.base import (
     HEADER_RECEIVED_AT, HEADER_SIGNAL, HEADER_SOURCE_ID, HEADER_TRANSPORT, SIGNAL_LOGS, SIGNAL_TRACES,
@@ -73,6 +74,7 @@ CLOSED_PROMPT_QUIET = "quiet"
 _STATUS = {v: k.removeprefix("STATUS_CODE_") for k, v in Status.StatusCode.items()}
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
+_REMOTE_PARENT = SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK | SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
 #: (end_time_unix_nano, status code short name) of a span; what the envelope key covers besides the span id.
 SpanFacts = tuple[int, str]
@@ -165,7 +167,10 @@ def decode_record(rec: BusRecord) -> Decoded:
                 old = facts.spans.get(span_id)
                 if old is None or new[0] > old[0]:
                     facts.spans[span_id] = new
-                if not sp.parent_span_id:
+                # A span without a parent, or whose parent is remote (a local root: the caller's spans go
+                # elsewhere and never arrive), is the top of the run; waiting for its parent would only reach
+                # max-wait.
+                if not sp.parent_span_id or sp.flags & _REMOTE_PARENT == _REMOTE_PARENT:
                     facts.root_seen = True
                     facts.root_ended = facts.root_ended or sp.end_time_unix_nano > 0
     return Decoded(out)
@@ -219,7 +224,7 @@ class ClosedInfo:
         return cls(version=env.envelope_version,
                    spans={s.span_id: (s.end_time_unix_nano, s.status_code) for s in env.spans},
                    logs={log_event_identity(e) for e in env.log_events},
-                   root_ended=any(not s.parent_span_id and s.end_time_unix_nano > 0 for s in env.spans),
+                   root_ended=any(s.is_run_root and s.end_time_unix_nano > 0 for s in env.spans),
                    prior=env, nbytes=nbytes)
 
 

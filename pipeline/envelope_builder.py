@@ -74,7 +74,7 @@ def build_envelope(closed: ClosedTrace, *, assembled_at_ns: int, redactor: Redac
             "dropped_by_allow_list": report.dropped_by_allow_list + prior.redaction.dropped_by_allow_list,
             "dropped_by_deny_list": report.dropped_by_deny_list + prior.redaction.dropped_by_deny_list})
 
-    root = next((s for s in spans if not s.parent_span_id), None)
+    root = next((s for s in spans if not s.parent_span_id), None) or next((s for s in spans if s.is_local_root), None)
     resource = (root or (spans[0] if spans else None) or (logs[0] if logs else None))
     resource_attrs = dict(resource.resource) if resource is not None else {}
     received = [r.received_at_ns for r in closed.records if r.received_at_ns > 0]
@@ -92,7 +92,8 @@ def build_envelope(closed: ClosedTrace, *, assembled_at_ns: int, redactor: Redac
         repository=repository_from(repository, resource_attrs),
         received_at_unix_nano=min(received) if received else assembled_at_ns,
         assembled_at_unix_nano=assembled_at_ns,
-        completeness=Completeness(root_seen=root is not None, closed_reason=closed.reason),
+        completeness=Completeness(root_seen=root is not None, root_is_local=root is not None and root.is_local_root,
+                                  closed_reason=closed.reason),
         resource=resource_attrs,
         spans=spans,
         log_events=logs,

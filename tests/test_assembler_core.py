@@ -140,6 +140,36 @@ def test_trace_without_root_waits_for_max_wait():
     assert build(closed).completeness.root_seen is False
 
 
+def test_local_root_with_a_remote_parent_closes_after_quiet_instead_of_max_wait():
+    # An agent behind an API: its top span's parent came in a propagated traceparent and never arrives. The SDK
+    # marks it with the span flags CONTEXT_HAS_IS_REMOTE | CONTEXT_IS_REMOTE (0x300).
+    clock = FakeClock()
+    core = make_core(clock, max_wait_s=60)
+    top = span(0, 1, parent=99)
+    top.flags = 0x301
+    feed(core, record(1, span(0, 2, parent=1), top))
+    clock.advance(5.1)
+    [closed] = core.due()
+    assert closed.reason == CLOSED_QUIET
+    env = build(closed)
+    assert env.completeness.root_seen and env.completeness.root_is_local
+    [local_root] = [s for s in env.spans if s.span_id == sid(1)]
+    assert local_root.parent_is_remote is True and local_root.is_local_root
+
+
+def test_a_parent_known_to_be_local_is_not_a_local_root():
+    clock = FakeClock()
+    core = make_core(clock, max_wait_s=60)
+    child = span(0, 1, parent=99)
+    child.flags = 0x101  # HAS_IS_REMOTE set, IS_REMOTE clear: the parent is in this process and still to come
+    feed(core, record(1, child))
+    clock.advance(30)
+    assert core.due() == []
+    clock.advance(30)
+    [closed] = core.due()
+    assert closed.reason == CLOSED_MAX_WAIT and build(closed).completeness.root_seen is False
+
+
 def test_memory_bound_evicts_oldest_first_and_never_drops():
     clock = FakeClock()
     first = record(1, span(0, 1, parent=0))

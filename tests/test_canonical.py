@@ -69,6 +69,7 @@ def _traces() -> TracesData:
                 if i:
                     sp.parent_span_id = bytes([r, sc, 0, 0, 0, 0, 0, 1])
                 sp.name = f"op {i}"
+                sp.flags = (0x01, 0x301, 0x101)[i]  # sampled; remote parent; local parent
                 sp.kind = (Span.SPAN_KIND_CLIENT, Span.SPAN_KIND_INTERNAL, Span.SPAN_KIND_UNSPECIFIED)[i]
                 sp.start_time_unix_nano, sp.end_time_unix_nano = 1_700_000_000_000_000_000 + i, 0 if i == 2 else 2**63
                 if i == 1:
@@ -110,7 +111,8 @@ def _logs() -> LogsData:
 def _validated_span(sp, resource: dict, scope: Scope) -> CanonicalSpan:
     """The same span as ``spans_from_traces_data`` builds it, but through pydantic validation."""
     return CanonicalSpan(
-        trace_id=sp.trace_id.hex(), span_id=sp.span_id.hex(), parent_span_id=sp.parent_span_id.hex(), name=sp.name,
+        trace_id=sp.trace_id.hex(), span_id=sp.span_id.hex(), parent_span_id=sp.parent_span_id.hex(),
+        parent_is_remote=None if not sp.flags & 0x100 else bool(sp.flags & 0x200), name=sp.name,
         kind={1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}.get(sp.kind, "UNSPECIFIED"),
         start_time_unix_nano=sp.start_time_unix_nano, end_time_unix_nano=sp.end_time_unix_nano,
         status_code={1: "OK", 2: "ERROR"}.get(sp.status.code, "UNSET"), status_message=sp.status.message,
@@ -197,3 +199,16 @@ def test_unvalidated_models_stay_ordinary_pydantic_models(model):
     assert copy.attributes == {"new": 1} and item.attributes != {"new": 1}
     assert copy.model_fields_set == item.model_fields_set
     assert model.model_validate_json(item.model_dump_json()) == item
+
+
+def test_parent_is_remote_follows_the_otlp_span_flags():
+    from normalizers.canonical import parent_is_remote
+
+    assert parent_is_remote(0) is None and parent_is_remote(0x01) is None  # exporter did not say
+    assert parent_is_remote(0x200) is None  # IS_REMOTE without HAS_IS_REMOTE means nothing
+    assert parent_is_remote(0x100) is False and parent_is_remote(0x101) is False
+    assert parent_is_remote(0x300) is True and parent_is_remote(0x301) is True
+    spans = spans_from_traces_data(_traces())
+    local_roots = [s for s in spans if s.is_local_root]
+    assert local_roots and all(s.parent_span_id and s.parent_is_remote for s in local_roots)
+    assert all(s.is_run_root for s in local_roots) and not any(s.is_root for s in local_roots)
