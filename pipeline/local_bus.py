@@ -5,11 +5,15 @@ committed offset lives in the log's ``group_offsets`` table (stored there in the
 convention, i.e. the bus offset minus one). The log has no change notification, so an empty poll re-reads every
 ``poll_interval_s``. Only ONE consumer per group may run against a log: there is no group coordination.
 
-Publisher: a record of topic ``trace-source.<name>`` becomes the file ``<root>/<name>/<key>.json`` (the latest
-record per key wins, like a compacted topic), written atomically (temp file, fsync, rename, fsync of the
-directory) so readers never see half a file and a returned ``publish`` survives ``kill -9`` and power loss.
+Publishers: :class:`LocalBusPublisher` appends every record to the same log (any topic, any headers), so the
+loop's stages consume envelopes and each other's results exactly as they would consume Kafka topics; for the
+topics people read as files (envelopes, dead letters) it also keeps a *file view* written by
+:class:`LocalFilePublisher`: a record of topic ``trace-source.<name>`` becomes the file ``<root>/<name>/<key>.json``
+(the latest record per key wins, like a compacted topic), written atomically (temp file, fsync, rename, fsync of
+the directory) so readers never see half a file and a returned ``publish`` survives ``kill -9`` and power loss.
 A JSON value (header ``content-type: application/json``) is the file itself; any other value is wrapped as
-``{"key", "headers", "value_base64"}``.
+``{"key", "headers", "value_base64"}``. The log append comes first: it is what consumers read; a crash between
+the two leaves a stale file that the replay that follows rewrites.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from sinks.base import (
     HEADER_TRANSPORT,
     SPANS_TOPIC,
 )
-from sinks.local_log import LOG_FILENAME, LocalLogReader
-from pipeline.bus import BusPublishError, BusRecord, Headers, PartitionListener
+from sinks.local_log import LOG_FILENAME, LocalLogAppender, LocalLogReader
+from pipeline.bus import BusPublishError, BusRecord, Headers, PartitionListener, decode_headers, encode_headers
 
 JSON_CONTENT_TYPE = "application/json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -132,6 +136,10 @@ class LocalLogConsumer:
 
 
 def _to_bus_record(r) -> BusRecord:
+    if r.headers is not None:  # a record the pipeline published: its own headers
+        return BusRecord(topic=r.topic, partition=0, offset=r.offset,
+                         key=None if r.key is None else r.key.encode("utf-8"), value=r.value,
+                         headers=decode_headers(r.headers))
     headers = [
         (HEADER_SOURCE_ID, r.source_id.encode()),
         (HEADER_SIGNAL, r.signal.encode()),
@@ -176,3 +184,52 @@ class LocalFilePublisher:
 
     async def stop(self) -> None:
         return None
+
+
+class LocalBusPublisher:
+    """:class:`pipeline.bus.BusPublisher` of the embedded shape: appends to ``<state_dir>/spans.db`` (consumable by
+    :class:`LocalLogConsumer`), plus the file view under ``state_dir`` for ``file_topics``. The log must exist
+    (``serve`` creates it); :meth:`start` raises ``FileNotFoundError`` otherwise."""
+
+    max_message_bytes: int | None = None
+
+    def __init__(self, state_dir: str | Path, *, file_topics: tuple[str, ...] = ()) -> None:
+        self.state_dir = Path(state_dir)
+        self.file_topics = frozenset(file_topics)
+        self.files = LocalFilePublisher(self.state_dir)
+        self._appender: LocalLogAppender | None = None
+
+    def path_for(self, topic: str, key: bytes | None) -> Path:
+        """The file view's path of a record (``file_topics`` only)."""
+        return self.files.path_for(topic, key)
+
+    async def start(self) -> None:
+        if self._appender is not None:
+            return
+        path = self.state_dir / LOG_FILENAME
+        if not path.exists():
+            raise FileNotFoundError(f"no embedded log at {path}: start `trace-source serve` with this state dir")
+        self._appender = await asyncio.to_thread(LocalLogAppender, path)
+
+    async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
+        if self._appender is None:
+            await self.start()
+        appender = self._appender
+        hdrs = {k: v.decode("utf-8", errors="replace") for k, v in headers}
+        try:
+            await asyncio.to_thread(
+                appender.append, topic, None if key is None else key.decode("utf-8", errors="replace"), value,
+                encode_headers(list(headers)), content_type=hdrs.get(HEADER_CONTENT_TYPE, "application/octet-stream"),
+                source_id=hdrs.get(HEADER_SOURCE_ID, ""), received_at_ns=time.time_ns())
+        except Exception as exc:  # sqlite3.Error: disk full, locked past the busy timeout
+            raise BusPublishError(f"cannot append to the embedded log for {topic}: {exc}") from exc
+        if topic in self.file_topics:
+            await self.files.publish(topic, key, value, headers)
+
+    def record_size(self, key: bytes | None, value: bytes, headers: Headers = ()) -> int:
+        return len(value)
+
+    async def stop(self) -> None:
+        appender, self._appender = self._appender, None
+        if appender is not None:
+            await asyncio.to_thread(appender.close)

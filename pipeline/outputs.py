@@ -54,46 +54,21 @@ class Published:
     claim_check: str | None = None
 
 
-class EnvelopeOutput:
-    """Publishes envelopes to ``topic`` and dead letters to ``dlq_topic`` with claim checks into ``artifact_root``.
+class DeadLetters:
+    """Publishes dead letters to ``dlq_topic`` (claim-checked into ``artifact_root`` when too large). Used by the
+    assembler (through :class:`EnvelopeOutput`) and by every loop stage runner.
 
-    ``publish``/``dead_letter`` return once durable; they raise ``pipeline.bus.BusPublishError`` or ``OSError``
-    (artifact store) and may simply be retried: every write is keyed and idempotent.
+    ``dead_letter`` returns once durable; it raises ``pipeline.bus.BusPublishError`` or ``OSError`` (artifact store)
+    and may simply be retried: the DLQ key is the original record's position, so a retry is the same record.
     """
 
-    def __init__(self, publisher: BusPublisher, *, topic: str = TRACES_TOPIC, dlq_topic: str = DLQ_TOPIC,
-                 artifact_root: str | Path) -> None:
+    def __init__(self, publisher: BusPublisher, *, dlq_topic: str = DLQ_TOPIC, artifact_root: str | Path) -> None:
         self.publisher = publisher
-        self.topic = topic
         self.dlq_topic = dlq_topic
         self.artifact_root = Path(artifact_root)
 
-    async def publish(self, envelope: Envelope) -> Published:
-        key = envelope.trace_id.encode("ascii")
-        value = envelope.to_json_bytes()
-        headers = [
-            (HEADER_IDEMPOTENCY_KEY, envelope.idempotency_key.encode()),
-            (HEADER_ENVELOPE_VERSION, str(envelope.envelope_version).encode()),
-            (HEADER_CLOSED_REASON, envelope.completeness.closed_reason.encode()),
-            ("source-id", envelope.source.id.encode()),
-        ]
-        if not self._too_large(key, value, headers):
-            try:
-                await self.publisher.publish(self.topic, key, value,
-                                             headers + [(HEADER_CONTENT_TYPE, JSON_CONTENT_TYPE.encode())])
-                return Published(len(value))
-            except RecordTooLargeError:
-                pass  # the topic's own limit is lower than ours: claim check after all
-        claim = f"envelopes/{envelope.idempotency_key}.json"
-        ref = await self._store(claim, value, JSON_CONTENT_TYPE)
-        ref.update(trace_id=envelope.trace_id, idempotency_key=envelope.idempotency_key,
-                   envelope_version=envelope.envelope_version, schema_version=envelope.schema_version)
-        await self.publisher.publish(self.topic, key, json.dumps(ref).encode(), headers + [
-            (HEADER_CONTENT_TYPE, CLAIM_CHECK_CONTENT_TYPE.encode()), (HEADER_CLAIM_CHECK, claim.encode())])
-        return Published(len(value), claim)
-
     async def dead_letter(self, rec: BusRecord, error: str, stage: str = "assembler") -> Published:
-        """Publish ``rec`` (original bytes and headers) with ``error`` to the DLQ topic."""
+        """Publish ``rec`` (original bytes and headers) with ``error`` and the ``stage`` that gave up on it."""
         key = f"{rec.topic}:{rec.partition}:{rec.offset}".encode()
         headers: list[tuple[str, bytes]] = [(k, v) for k, v in rec.headers if k != HEADER_CONTENT_TYPE]
         original_type = rec.header(HEADER_CONTENT_TYPE, "application/octet-stream") or "application/octet-stream"
@@ -128,6 +103,43 @@ class EnvelopeOutput:
         return {"claim_check": {"path": relpath, "uri": path.resolve().as_uri(),
                                 "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data),
                                 "content_type": content_type}}
+
+
+class EnvelopeOutput(DeadLetters):
+    """Publishes envelopes to ``topic`` and dead letters to ``dlq_topic`` with claim checks into ``artifact_root``.
+
+    ``publish``/``dead_letter`` return once durable; they raise ``pipeline.bus.BusPublishError`` or ``OSError``
+    (artifact store) and may simply be retried: every write is keyed and idempotent.
+    """
+
+    def __init__(self, publisher: BusPublisher, *, topic: str = TRACES_TOPIC, dlq_topic: str = DLQ_TOPIC,
+                 artifact_root: str | Path) -> None:
+        super().__init__(publisher, dlq_topic=dlq_topic, artifact_root=artifact_root)
+        self.topic = topic
+
+    async def publish(self, envelope: Envelope) -> Published:
+        key = envelope.trace_id.encode("ascii")
+        value = envelope.to_json_bytes()
+        headers = [
+            (HEADER_IDEMPOTENCY_KEY, envelope.idempotency_key.encode()),
+            (HEADER_ENVELOPE_VERSION, str(envelope.envelope_version).encode()),
+            (HEADER_CLOSED_REASON, envelope.completeness.closed_reason.encode()),
+            ("source-id", envelope.source.id.encode()),
+        ]
+        if not self._too_large(key, value, headers):
+            try:
+                await self.publisher.publish(self.topic, key, value,
+                                             headers + [(HEADER_CONTENT_TYPE, JSON_CONTENT_TYPE.encode())])
+                return Published(len(value))
+            except RecordTooLargeError:
+                pass  # the topic's own limit is lower than ours: claim check after all
+        claim = f"envelopes/{envelope.idempotency_key}.json"
+        ref = await self._store(claim, value, JSON_CONTENT_TYPE)
+        ref.update(trace_id=envelope.trace_id, idempotency_key=envelope.idempotency_key,
+                   envelope_version=envelope.envelope_version, schema_version=envelope.schema_version)
+        await self.publisher.publish(self.topic, key, json.dumps(ref).encode(), headers + [
+            (HEADER_CONTENT_TYPE, CLAIM_CHECK_CONTENT_TYPE.encode()), (HEADER_CLAIM_CHECK, claim.encode())])
+        return Published(len(value), claim)
 
 
 class ClaimCheckError(Exception):

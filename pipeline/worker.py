@@ -15,12 +15,12 @@ import signal
 from contextlib import AsyncExitStack
 
 import structlog
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from normalizers.redact import Redactor
 from pipeline.assembler import Assembler, TracesDirLookup
-from pipeline.local_bus import LocalFilePublisher, LocalLogConsumer
+from pipeline.health import start_health_server
+from pipeline.local_bus import LocalBusPublisher, LocalLogConsumer
 from pipeline.metrics import AssemblerMetrics
 from pipeline.outputs import EnvelopeOutput
 from pipeline.settings import AssemblerSettings
@@ -36,7 +36,8 @@ def build_local_assembler(settings: AssemblerSettings, metrics: AssemblerMetrics
                           **kwargs) -> Assembler:
     """Assembler over the embedded log (``<state_dir>/spans.db``) writing files under ``state_dir``.
     ``kwargs`` go to :class:`pipeline.assembler.Assembler` (``clock``, ``wall_ns``)."""
-    publisher = LocalFilePublisher(settings.state_dir)
+    # Envelopes go to the log (the grade stage consumes them) and to the file view <state_dir>/traces/.
+    publisher = LocalBusPublisher(settings.state_dir, file_topics=(settings.traces_topic, settings.dlq_topic))
     output = EnvelopeOutput(publisher, topic=settings.traces_topic, dlq_topic=settings.dlq_topic,
                             artifact_root=settings.artifact_root)
     consumer = LocalLogConsumer(settings.state_dir, topic=settings.input_topic, group_id=settings.group_id)
@@ -85,6 +86,7 @@ class EmbeddedAssembler:
                 await asyncio.wait_for(self._stop.wait(), self.restart_delay_s)
                 return
             except TimeoutError:
+                await self.assembler.output.publisher.stop()
                 self.assembler = build_local_assembler(self.settings, self.metrics)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
@@ -98,6 +100,7 @@ class EmbeddedAssembler:
             log.warning("assembler.stop_timeout", timeout_s=timeout_s)
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self.assembler.output.publisher.stop()
 
 
 async def ensure_output_topics(settings: AssemblerSettings) -> None:
@@ -120,28 +123,6 @@ async def ensure_output_topics(settings: AssemblerSettings) -> None:
     for topic in (settings.traces_topic, settings.dlq_topic):
         await create_topic(settings.kafka_bootstrap_servers, topic, partitions, settings.replication_factor,
                            max_request_size=settings.max_message_bytes + 64 * 1024)
-
-
-async def _metrics_server(metrics: AssemblerMetrics, assembler: Assembler, host: str, port: int):
-    async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(_: web.Request) -> web.Response:
-        ready = assembler.started.is_set()
-        return web.Response(text="ready\n" if ready else "starting\n", status=200 if ready else 503)
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]
 
 
 async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = None) -> None:
@@ -172,7 +153,9 @@ async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = N
             assembler = Assembler(consumer, output, settings, metrics=metrics, redactor=_redactor(settings))
         else:
             assembler = build_local_assembler(settings, metrics)
-        runner, port = await _metrics_server(metrics, assembler, settings.metrics_host, settings.metrics_port)
+            stack.push_async_callback(assembler.output.publisher.stop)
+        runner, port = await start_health_server(metrics.registry, assembler.started.is_set, settings.metrics_host,
+                                                 settings.metrics_port)
         stack.push_async_callback(runner.cleanup)
         log.info("assembler.serving", metrics_port=port, input_topic=settings.input_topic,
                  traces_topic=settings.traces_topic, group_id=settings.group_id,

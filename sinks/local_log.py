@@ -37,7 +37,8 @@ DEFAULT_STATE_DIR = ".trace-source"
 #: File name of the log inside the state dir.
 LOG_FILENAME = "spans.db"
 #: ``PRAGMA user_version`` of the schema below; a file with a higher version was written by a newer release.
-SCHEMA_VERSION = 1
+#: Version 2 added ``records.headers`` (the pipeline's stage topics carry arbitrary Kafka-style headers).
+SCHEMA_VERSION = 2
 
 # How long a connection waits for another connection's write lock (the sink's writer vs. a reader committing a
 # group offset) before failing with "database is locked".
@@ -54,7 +55,8 @@ CREATE TABLE records (
     source_id TEXT NOT NULL,
     received_at_ns INTEGER NOT NULL,
     content_type TEXT NOT NULL,
-    transport TEXT NOT NULL
+    transport TEXT NOT NULL,
+    headers TEXT
 );
 CREATE TABLE group_offsets (
     group_id TEXT NOT NULL,
@@ -69,8 +71,11 @@ _INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SELECT = (
-    'SELECT "offset", topic, key, value, signal, source_id, received_at_ns, content_type, transport FROM records'
+    'SELECT "offset", topic, key, value, signal, source_id, received_at_ns, content_type, transport, headers'
+    ' FROM records'
 )
+#: Upgrades from the version in the key to the next one.
+_MIGRATIONS = {1: "ALTER TABLE records ADD COLUMN headers TEXT"}
 
 
 def _connect(path: Path, *, create: bool, check_same_thread: bool = True) -> sqlite3.Connection:
@@ -107,12 +112,16 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
         )
     conn.execute("BEGIN IMMEDIATE")
     try:
-        # Re-check under the write lock: the sink and a reader may both be creating a fresh file.
-        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+        # Re-check under the write lock: the sink and a reader may both be creating or upgrading the file.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        else:
+            for v in range(version, SCHEMA_VERSION):
+                conn.execute(_MIGRATIONS[v])
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -128,7 +137,9 @@ class LocalRecord:
     ``offset``: position in the log (> 0, strictly increasing in commit order). ``key``: trace id as 32 lowercase
     hex characters (``str``), or ``None``. ``value``: the OTLP protobuf bytes. ``received_at_ns``: unix time in
     nanoseconds when the export request arrived. ``content_type``: media type of ``value``. ``transport``: how it
-    arrived (``otlp-http`` | ``otlp-grpc``).
+    arrived (``otlp-http`` | ``otlp-grpc``). ``headers``: ``None`` for span/log batches from the receiver (their
+    headers are the columns above); for records the pipeline publishes (envelopes, stage results), every header as
+    JSON ``[[name, base64 value], ...]``.
     """
 
     offset: int
@@ -140,6 +151,7 @@ class LocalRecord:
     received_at_ns: int
     content_type: str
     transport: str
+    headers: str | None = None
 
 
 class _Write:
@@ -351,6 +363,45 @@ def _settle_future(future: asyncio.Future[None], error: BaseException | None) ->
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+class LocalLogAppender:
+    """Synchronous appender of single records with arbitrary headers, for the pipeline's own topics in the
+    embedded shape (envelopes, stage results, dead letters), usable next to a running :class:`LocalLogSink`: each
+    append is one ``BEGIN IMMEDIATE`` transaction (SQLite's write lock serializes it with the sink's writer), with
+    ``synchronous=FULL``, so a returned :meth:`append` survives power loss. Thread-safe (one call at a time).
+
+    Raises ``sqlite3.Error`` when the file cannot be opened or written (the log must exist: ``serve`` creates it).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn = _connect(self.path, create=True, check_same_thread=False)
+        self._conn.execute("PRAGMA synchronous=FULL")
+
+    def append(self, topic: str, key: str | None, value: bytes, headers_json: str, *, content_type: str,
+               source_id: str = "", received_at_ns: int = 0) -> int:
+        """Append one record; returns its offset. ``headers_json``: ``[[name, base64 value], ...]``."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute(
+                    "INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type,"
+                    " transport, headers) VALUES (?, ?, ?, '', ?, ?, ?, '', ?)",
+                    (topic, key, value, source_id, received_at_ns, content_type, headers_json))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+            return cur.lastrowid
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
 
 
 class LocalLogReader:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from pipeline.bus import decode_headers, encode_headers  # noqa: F401  (stored header form, re-exported)
+
 #: Ledger row states.
 State = Literal["claimed", "done", "blocked", "failed", "reopened"]
 STATES: tuple[str, ...] = ("claimed", "done", "blocked", "failed", "reopened")
@@ -67,7 +69,9 @@ class LedgerRow:
     """One ledger row. Times are unix seconds (``float``) of the ledger's clock (Postgres: the server's).
 
     ``result``: the exact output record value the stage published (bytes, re-published unchanged on redelivery),
-    ``None`` when the stage published nothing; ``result_headers``: its headers. ``generation``: 0, +1 per reopen.
+    ``None`` when the stage published nothing; ``result_headers``: its headers. ``journal``: the journal events of
+    the outcome (JSON array), appended again on redelivery so a crash between recording and journaling loses none.
+    ``generation``: 0, +1 per reopen.
     """
 
     stage_key: str
@@ -88,6 +92,7 @@ class LedgerRow:
     input_offset: int
     created_at: float
     updated_at: float
+    journal: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +122,13 @@ ClaimResult = Acquired | Finished | Held
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """What a finished claim records: ``state`` ``done`` or ``blocked``; the published value and headers."""
+    """What a finished claim records: ``state`` ``done`` or ``blocked``; the published value and headers; the
+    outcome's journal events (JSON array bytes)."""
 
     state: Literal["done", "blocked"]
     result: bytes | None
     result_headers: tuple[tuple[str, bytes], ...] = field(default_factory=tuple)
+    journal: bytes | None = None
 
 
 class LeaseLost(Exception):
@@ -217,21 +224,3 @@ def decide_claim(row: LedgerRow | None, owner: str, now: float) -> ClaimDecision
     if row.lease_expires_at is None or row.lease_expires_at <= now:
         return "take"
     return "held"
-
-
-def encode_headers(headers: tuple[tuple[str, bytes], ...] | list[tuple[str, bytes]]) -> str:
-    """Headers as stored: JSON ``[[name, base64 value], ...]`` (order and repeats kept)."""
-    import base64
-    import json
-
-    return json.dumps([[k, base64.b64encode(v).decode()] for k, v in headers])
-
-
-def decode_headers(text: str | None) -> tuple[tuple[str, bytes], ...]:
-    """Inverse of :func:`encode_headers` (``None`` -> ``()``)."""
-    import base64
-    import json
-
-    if not text:
-        return ()
-    return tuple((k, base64.b64decode(v)) for k, v in json.loads(text))

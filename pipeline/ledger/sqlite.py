@@ -45,7 +45,8 @@ MIGRATIONS: tuple[str, ...] = (
         input_partition INTEGER NOT NULL DEFAULT 0,
         input_offset INTEGER NOT NULL DEFAULT 0,
         created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
+        updated_at REAL NOT NULL,
+        journal BLOB
     );
     CREATE INDEX stage_runs_trace ON stage_runs (trace_id, updated_at);
     CREATE INDEX stage_runs_updated ON stage_runs (updated_at);
@@ -55,7 +56,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = ("stage_key, stage, trace_id, envelope_key, config_version, state, lease_owner, lease_expires_at, "
             "attempts, generation, result, result_headers, error, input_topic, input_partition, input_offset, "
-            "created_at, updated_at")
+            "created_at, updated_at, journal")
 
 
 def _row(values: tuple | None) -> LedgerRow | None:
@@ -64,6 +65,7 @@ def _row(values: tuple | None) -> LedgerRow | None:
     v = list(values)
     v[10] = None if v[10] is None else bytes(v[10])
     v[11] = decode_headers(v[11])
+    v[18] = None if v[18] is None else bytes(v[18])
     return LedgerRow(*v)
 
 
@@ -177,9 +179,10 @@ class SqliteLedger:
     async def complete(self, key: str, owner: str, completion: Completion) -> LedgerRow:
         def fn(conn: sqlite3.Connection, now: float) -> LedgerRow:
             self._owned(conn, key, owner)
-            conn.execute("UPDATE stage_runs SET state = ?, result = ?, result_headers = ?, error = NULL, "
+            conn.execute("UPDATE stage_runs SET state = ?, result = ?, result_headers = ?, journal = ?, error = NULL, "
                          "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE stage_key = ?",
-                         (completion.state, completion.result, encode_headers(completion.result_headers), now, key))
+                         (completion.state, completion.result, encode_headers(completion.result_headers),
+                          completion.journal, now, key))
             return self._get(conn, key)
 
         return await self._tx(fn)

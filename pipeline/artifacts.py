@@ -1,0 +1,65 @@
+"""The artifact layout of the loop (seed-system.md "Local loop and its artifacts"), under the artifact root (the
+state dir in the embedded default, a shared volume in a cluster)::
+
+    grades/<trace_id>/grade.json        the verdict (pipeline.grading.model.Grade)
+    seeds/<trace_id>/scenario.md        the generated reproduction scenario
+    seeds/<trace_id>/seed.json          the filled-in seed templates and recorded tool results
+    runs/<trace_id>/manifest.json       reproduction status, command, attempts, evidence, output paths
+    runs/<trace_id>/stdout.json         the harness's machine-readable output per attempt
+    runs/<trace_id>/stderr.log          the harness's stderr
+    fixes/<trace_id>/status.json        fix status, when it blocks before a patch or PR
+    fixes/<trace_id>/pr-details.md      the reviewer summary
+    fixes/<trace_id>/repo.patch         the patch, when a PR cannot be opened
+
+Paths recorded in the journal are relative to the root (``grades/<trace_id>/grade.json``), so they stay valid when
+the store is mounted elsewhere. Writes are atomic and durable (``pipeline.local_bus.atomic_write_bytes``) and
+idempotent: a stage that runs again after a crash rewrites the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.local_bus import atomic_write_bytes
+
+
+class ArtifactStore:
+    """Reads and writes artifacts under ``root``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def grade(trace_id: str) -> str:
+        return f"grades/{trace_id}/grade.json"
+
+    @staticmethod
+    def seed_dir(trace_id: str) -> str:
+        return f"seeds/{trace_id}"
+
+    @staticmethod
+    def run_dir(trace_id: str) -> str:
+        return f"runs/{trace_id}"
+
+    @staticmethod
+    def fix_dir(trace_id: str) -> str:
+        return f"fixes/{trace_id}"
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    async def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write ``data`` atomically at ``relpath``; returns ``relpath``. Raises ``OSError``."""
+        await asyncio.to_thread(atomic_write_bytes, self.root / relpath, data)
+        return relpath
+
+    async def write_json(self, relpath: str, document: Any) -> str:
+        """Write ``document`` as indented JSON (``bytes`` are written as they are)."""
+        data = document if isinstance(document, bytes) else (json.dumps(document, indent=2) + "\n").encode()
+        return await self.write_bytes(relpath, data)
+
+    async def write_text(self, relpath: str, text: str) -> str:
+        return await self.write_bytes(relpath, text.encode())

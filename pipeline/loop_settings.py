@@ -1,0 +1,161 @@
+"""Settings of the loop after the envelope (grade → seed → reproduce → fix), shared by ``serve`` (embedded default,
+stages in-process) and every ``trace-source worker <stage>``.
+
+Precedence: command-line flags, then environment variables ``TRACE_SOURCE_<NAME>`` (the same prefix as ``serve``,
+so one environment configures the receiver and every worker: e.g. ``TRACE_SOURCE_EXECUTION_POLICY=grade``), then the
+YAML file of ``--config`` / ``TRACE_SOURCE_CONFIG`` (keys = field names), then defaults. Durations are seconds.
+
+Credentials are never settings: the database URL and API keys are read from the environment variables *named* by
+``database_url_env`` and ``judge_api_key_env``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "TRACE_SOURCE_"
+
+TRACES_TOPIC = "trace-source.traces"
+GRADES_TOPIC = "trace-source.grades"
+SEEDS_TOPIC = "trace-source.seeds"
+REPRODUCTIONS_TOPIC = "trace-source.reproductions"
+FIXES_TOPIC = "trace-source.fixes"
+DLQ_TOPIC = "trace-source.dlq"
+
+
+class _YamlFile(PydanticBaseSettingsSource):
+    """Keys of the YAML config file named by ``TRACE_SOURCE_CONFIG`` that are fields of this model (the same file
+    also holds ``serve``'s own settings)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by the ABC, unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get(ENV_PREFIX + "CONFIG")
+        if not path:
+            return {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config file must be a YAML mapping of setting: value")
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        return {k: v for k, v in data.items() if k in self.settings_cls.model_fields}
+
+
+class LoopSettings(BaseSettings):
+    """Everything the loop's stages can be told; ``trace-source worker grade --help`` documents each field."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True)
+
+    # -- where ------------------------------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        None, description="Kafka bootstrap servers (host:port,...). Unset = the embedded log under state_dir.")
+    state_dir: Path = Field(Path(".trace-source"), description=(
+        "Embedded data directory: spans.db (the log), ledger.db, runs.jsonl (the journal), grades/, seeds/, "
+        "runs/, fixes/."))
+    artifact_dir: Path | None = Field(None, description=(
+        "Artifact store root for grades/, seeds/, runs/, fixes/ (a shared volume in a cluster). Default: the "
+        "state dir."))
+    envelope_store_dir: Path | None = Field(None, description=(
+        "Where claim-checked envelopes are read from (the assembler's --artifact-dir). Default: "
+        "<artifact_dir or state_dir>/artifacts."))
+    database_url_env: str = Field("TRACE_SOURCE_DATABASE_URL", description=(
+        "Name of the environment variable holding the Postgres URL of the ledger and journal "
+        "(postgresql://user:pass@host/db). Unset variable = SQLite ledger and runs.jsonl under state_dir, which "
+        "only one process per stage may use; with Kafka a Postgres URL is required."))
+
+    # -- what -------------------------------------------------------------------------------------------------------
+    execution_policy: Literal["observe", "grade", "reproduce", "fix"] = Field("fix", description=(
+        "How far a run goes: observe (import only), grade, reproduce (grade, seed, reproduce), fix (all, the "
+        "default; fixing also needs --allow-external-execution)."))
+    allow_external_execution: bool = Field(False, description=(
+        "Allow the fix stage to run the coding-agent, validation and pull-request commands. Without it a "
+        "reproduced failure ends blocked with this reason."))
+    repo: Path | None = Field(None, description=(
+        "The agent's repository (a local path) holding the contract folder (trace-source/ or archal/): "
+        "scenario.md success criteria are checked when grading; reproduce and fix need it."))
+    contract_dir: str = Field("trace-source", description=(
+        "Name of the contract folder at the repository root; when absent, archal/ is read."))
+
+    # -- the judge --------------------------------------------------------------------------------------------------
+    judge_model: str | None = Field(None, description=(
+        "Model of the optional LLM judge at --judge-base-url (OpenAI-compatible chat completions)."))
+    judge_base_url: str | None = Field(None, description="Base URL of the judge's API, e.g. https://api.openai.com/v1.")
+    judge_api_key_env: str = Field("TRACE_SOURCE_JUDGE_API_KEY", description=(
+        "Name of the environment variable holding the judge's API key."))
+    judge_command: str | None = Field(None, description=(
+        "A command that reads the envelope JSON on stdin and prints a verdict JSON (instead of the HTTP judge)."))
+    judge_timeout_s: float = Field(60.0, gt=0, description="Deadline of one judge call.")
+
+    # -- topics -----------------------------------------------------------------------------------------------------
+    traces_topic: str = Field(TRACES_TOPIC, description="Envelopes (the assembler's output, the grade stage's input).")
+    grades_topic: str = Field(GRADES_TOPIC, description="Grade documents (key = trace id).")
+    seeds_topic: str = Field(SEEDS_TOPIC, description="Seed results.")
+    reproductions_topic: str = Field(REPRODUCTIONS_TOPIC, description="Reproduction results.")
+    fixes_topic: str = Field(FIXES_TOPIC, description="Fix results.")
+    dlq_topic: str = Field(DLQ_TOPIC, description="Dead-letter topic (input no stage can work on, with the error).")
+    create_topics: bool = Field(True, description="Create the stage's output and DLQ topics at start-up if missing.")
+    topic_partitions: int | None = Field(None, ge=1, description=(
+        "Partitions of created topics (default: as many as the stage's input topic)."))
+    replication_factor: int | None = Field(None, ge=1, description="Replication factor of created topics.")
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field("zstd", description="Producer codec.")
+    max_message_bytes: int = Field(1_048_576, ge=1024, description="Largest record published (bytes).")
+
+    # -- the runner -------------------------------------------------------------------------------------------------
+    lease_s: float = Field(60.0, gt=0, description=(
+        "Ledger lease of a claimed record, renewed every third of it while the stage works; a worker that dies "
+        "holds the record at most this long."))
+    max_attempts: int = Field(5, ge=1, description=(
+        "Claims of one record (retries after transient errors, take-overs) before it goes to the DLQ."))
+    poll_max_records: int = Field(100, ge=1, description="Records read per poll.")
+    max_poll_interval_s: float = Field(1800.0, gt=0, description=(
+        "Kafka: longest time between polls before the consumer leaves its group (long reproductions need more)."))
+    shutdown_grace_s: float = Field(30.0, ge=0, description=(
+        "On SIGTERM, time given to work in progress before it is cancelled and its claim released."))
+    group_instance_id: str | None = Field(None, description=(
+        "Static group membership id (e.g. the pod name): a restarted worker gets its partitions back at once."))
+    metrics_host: str = Field("0.0.0.0", description="Address of the worker's /metrics, /healthz, /readyz server.")
+    metrics_port: int = Field(9465, ge=0, le=65535, description="Port of the worker's metrics server (0 = any free).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["json", "console"] = Field("json", description="Log format.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlFile(settings_cls)
+
+    # -- derived ----------------------------------------------------------------------------------------------------
+
+    @property
+    def artifact_root(self) -> Path:
+        """Root of grades/, seeds/, runs/, fixes/."""
+        return self.artifact_dir if self.artifact_dir is not None else self.state_dir
+
+    @property
+    def envelope_root(self) -> Path:
+        """Root the claim-check references of envelopes are relative to."""
+        if self.envelope_store_dir is not None:
+            return self.envelope_store_dir
+        return (self.artifact_dir if self.artifact_dir is not None else self.state_dir) / "artifacts"
+
+    def database_url(self) -> str | None:
+        """The ledger/journal database URL from the environment variable named by ``database_url_env``."""
+        return os.environ.get(self.database_url_env) or None
+
+    def judge_api_key(self) -> str | None:
+        return os.environ.get(self.judge_api_key_env) or None
+
+    def judge_configured(self) -> bool:
+        return bool(self.judge_command or (self.judge_model and self.judge_base_url))
+
+
+def config_version(*parts: object) -> str:
+    """A stage's config version: the first 16 hex of sha256 over ``parts`` (their ``repr``), so any change of a
+    result-changing setting gives new stage keys."""
+    return hashlib.sha256("\n".join(repr(p) for p in parts).encode()).hexdigest()[:16]
