@@ -178,3 +178,27 @@ class KafkaPublisher:
                     await producer.stop()
             except TimeoutError:
                 log.warning("kafka_bus.producer_stop_timeout", bootstrap_servers=self.bootstrap_servers)
+
+
+async def read_kafka_record(bootstrap_servers: str, topic: str, partition: int, offset: int,
+                            timeout_s: float = 15.0) -> BusRecord | None:
+    """The record at ``topic``/``partition``/``offset`` (no consumer group), or ``None`` when it is gone
+    (retention, compaction) or not there. Raises ``KafkaError`` when the cluster cannot be reached."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                client_id="trace-source-reprocess")
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            batches = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+            for m in batches.get(tp, []):
+                if m.offset != offset:
+                    return None  # the requested offset no longer exists; Kafka moved to the next one
+                return BusRecord(topic=topic, partition=partition, offset=m.offset, key=m.key,
+                                 value=m.value if m.value is not None else b"", headers=tuple(m.headers or ()))
+        return None
+    finally:
+        await consumer.stop()

@@ -233,3 +233,10 @@ class LocalBusPublisher:
         appender, self._appender = self._appender, None
         if appender is not None:
             await asyncio.to_thread(appender.close)
+
+
+def read_local_record(state_dir: str | Path, topic: str, offset: int) -> BusRecord | None:
+    """The record of ``topic`` at ``offset`` in the embedded log, or ``None`` when there is none."""
+    with LocalLogReader(Path(state_dir) / LOG_FILENAME) as reader:
+        rows = reader.read(offset - 1, 1, topic=topic)
+    return _to_bus_record(rows[0]) if rows and rows[0].offset == offset else None

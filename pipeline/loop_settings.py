@@ -63,8 +63,8 @@ class LoopSettings(BaseSettings):
         "Artifact store root for grades/, seeds/, runs/, fixes/ (a shared volume in a cluster). Default: the "
         "state dir."))
     envelope_store_dir: Path | None = Field(None, description=(
-        "Where claim-checked envelopes are read from (the assembler's --artifact-dir). Default: "
-        "<artifact_dir or state_dir>/artifacts."))
+        "Where claim-checked envelopes are read from (the assembler's --artifact-dir). Default: artifact_dir "
+        "when set (one shared store in a cluster), else <state_dir>/artifacts (the embedded assembler's)."))
     database_url_env: str = Field("TRACE_SOURCE_DATABASE_URL", description=(
         "Name of the environment variable holding the Postgres URL of the ledger and journal "
         "(postgresql://user:pass@host/db). Unset variable = SQLite ledger and runs.jsonl under state_dir, which "
@@ -124,6 +124,9 @@ class LoopSettings(BaseSettings):
     metrics_port: int = Field(9465, ge=0, le=65535, description="Port of the worker's metrics server (0 = any free).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "console"] = Field("json", description="Log format.")
+    in_process_stages: bool = Field(True, description=(
+        "Embedded serve: run the loop's stages in-process. Off when `trace-source worker <stage>` processes run "
+        "against the same state dir instead."))
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -142,7 +145,7 @@ class LoopSettings(BaseSettings):
         """Root the claim-check references of envelopes are relative to."""
         if self.envelope_store_dir is not None:
             return self.envelope_store_dir
-        return (self.artifact_dir if self.artifact_dir is not None else self.state_dir) / "artifacts"
+        return self.artifact_dir if self.artifact_dir is not None else self.state_dir / "artifacts"
 
     def database_url(self) -> str | None:
         """The ledger/journal database URL from the environment variable named by ``database_url_env``."""
@@ -159,3 +162,32 @@ def config_version(*parts: object) -> str:
     """A stage's config version: the first 16 hex of sha256 over ``parts`` (their ``repr``), so any change of a
     result-changing setting gives new stage keys."""
     return hashlib.sha256("\n".join(repr(p) for p in parts).encode()).hexdigest()[:16]
+
+
+#: Fields only a stage worker has (``serve`` runs the stages in-process on the embedded log, with its own
+#: metrics endpoint and no topics to create).
+WORKER_ONLY: frozenset[str] = frozenset({
+    "metrics_host", "metrics_port", "group_instance_id", "create_topics", "topic_partitions", "replication_factor",
+    "compression", "max_message_bytes", "max_poll_interval_s"})
+
+#: Fields that concern one stage only: ``worker <stage> --help`` shows them for that stage alone.
+STAGE_FIELDS: dict[str, str] = {
+    "judge_model": "grade", "judge_base_url": "grade", "judge_api_key_env": "grade", "judge_command": "grade",
+    "judge_timeout_s": "grade",
+}
+
+
+#: Fields only the embedded ``serve`` has.
+SERVE_ONLY: frozenset[str] = frozenset({"in_process_stages"})
+
+
+def fields_for(*, stage: str | None = None, serve: bool = False) -> list[str]:
+    """Names of the fields a command takes: ``worker <stage>`` (``stage``), or ``serve`` (every stage's)."""
+    out = []
+    for name in LoopSettings.model_fields:
+        if (serve and name in WORKER_ONLY) or (not serve and name in SERVE_ONLY):
+            continue
+        if not serve and name in STAGE_FIELDS and STAGE_FIELDS[name] != stage:
+            continue
+        out.append(name)
+    return out

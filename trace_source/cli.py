@@ -50,6 +50,35 @@ def _serve_options(func):
     return func
 
 
+def _loop_options(*, stage: str | None = None, serve: bool = False, only: tuple[str, ...] | None = None):
+    """Options of :class:`pipeline.loop_settings.LoopSettings` for ``serve`` (fields it does not have already),
+    ``worker <stage>``, or just the fields in ``only``."""
+
+    def decorate(func):
+        from pipeline.loop_settings import LoopSettings, fields_for
+
+        names = only or fields_for(stage=stage, serve=serve)
+        for name in reversed(names):
+            if serve and name in ServeSettings.model_fields:
+                continue  # the same setting, given once
+            func.__click_params__ = getattr(func, "__click_params__", [])
+            func.__click_params__.append(_option_for(name, LoopSettings.model_fields[name]))
+        return func
+
+    return decorate
+
+
+def load_loop_settings(flags: dict):
+    """:class:`LoopSettings` from the given flags (only those set), env, config file; exits on bad values."""
+    from pipeline.loop_settings import LoopSettings
+
+    given = {k: v for k, v in flags.items() if v is not None and v != () and k in LoopSettings.model_fields}
+    try:
+        return LoopSettings(**given)
+    except (ValidationError, ValueError, OSError) as exc:
+        raise click.UsageError(f"invalid settings:\n{exc}") from None
+
+
 def load_settings(config: Path | None, flags: dict) -> ServeSettings:
     """Settings from flags (only those given), env, config file; exits with a readable message on bad values."""
     if config is not None:
@@ -75,6 +104,7 @@ def main() -> None:
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help=f"YAML file of settings (keys as the flag names with underscores) [env {ENV_PREFIX}CONFIG].")
 @_serve_options
+@_loop_options(serve=True)
 def serve(config: Path | None, **flags) -> None:
     """Receive OTLP over HTTP (protobuf and JSON) and gRPC, and land every span durably.
 
@@ -82,9 +112,20 @@ def serve(config: Path | None, **flags) -> None:
     Endpoints: POST /v1/traces, POST /v1/logs on --port (OTLP/HTTP); TraceService and LogsService
     Export on --grpc-port (OTLP/gRPC); GET /healthz, /readyz and /metrics (Prometheus) on --port.
     A 2xx/OK is sent only after the data is durable (Kafka acks=all, or committed to the local log).
+    Embedded default (no broker): the assembler and the loop's stages run in-process — every run is
+    graded, and seeded / reproduced / fixed as far as --execution-policy allows; see `trace-source status`.
+    With Kafka, run them as `trace-source worker <stage>` instead.
     Precedence: flags > TRACE_SOURCE_* environment variables > --config file > defaults.
     """
+    from trace_source.settings import ServeSettings as _Serve
+
+    loop_flags = {k: v for k, v in flags.items() if k not in _Serve.model_fields or k in ("kafka_bootstrap_servers",
+                                                                                          "state_dir")}
+    flags = {k: v for k, v in flags.items() if k in _Serve.model_fields}
     settings = load_settings(config, flags)
+    loop_settings = load_loop_settings({**loop_flags, "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
+                                        "state_dir": settings.state_dir, "log_level": settings.log_level,
+                                        "log_format": settings.log_format})
     from trace_source.logging import configure
     from trace_source.serve import run
 
@@ -92,10 +133,13 @@ def serve(config: Path | None, **flags) -> None:
 
     from sinks.base import SinkUnavailable
 
+    from pipeline.journal import JournalError
+    from pipeline.ledger import LedgerError
+
     configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
-    except (OSError, SinkUnavailable, KafkaError) as exc:  # start-up failures: port taken, broker unreachable
+    except (OSError, SinkUnavailable, KafkaError, LedgerError, JournalError) as exc:  # start-up failures
         raise click.ClickException(f"cannot start: {exc}") from None
 
 
@@ -209,6 +253,109 @@ def worker_assemble(**flags) -> None:
         raise click.ClickException(f"cannot start: {exc}") from None
 
 
+def _register_stage_workers() -> None:
+    """``worker <stage>`` for every registered loop stage (pipeline.stages.STAGES)."""
+    from pipeline.stages import STAGES
+
+    for name, module_name in STAGES.items():
+        _add_stage_worker(name, module_name)
+
+
+def _add_stage_worker(name: str, module_name: str) -> None:
+    import importlib.util
+
+    spec = importlib.util.find_spec(module_name)
+    doc = ""
+    if spec is not None and spec.origin:
+        import ast
+
+        import re
+
+        doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+        doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc).replace("``", "")  # reST roles read badly in a terminal
+
+    @_loop_options(stage=name)
+    def command(**flags) -> None:
+        settings = load_loop_settings(flags)
+        from aiokafka.errors import KafkaError
+
+        from pipeline.journal import JournalError
+        from pipeline.ledger import LedgerError
+        from pipeline.stage_worker import SettingsError, run_stage_worker
+        from trace_source.logging import configure
+
+        configure(settings.log_level, settings.log_format)
+        try:
+            asyncio.run(run_stage_worker(name, settings))
+        except SettingsError as exc:
+            raise click.UsageError(str(exc)) from None
+        except (OSError, KafkaError, LedgerError, JournalError) as exc:  # broker, database, no embedded log, port
+            raise click.ClickException(f"cannot start: {exc}") from None
+
+    summary = doc.split("\n\n")[0].replace("\n", " ") if doc else f"The {name} stage."
+    rest = doc.split("\n\n", 1)[1] if "\n\n" in doc else ""
+    command.__doc__ = (f"{summary}\n\n{rest}\n\nWith --kafka-bootstrap-servers it is a consumer-group member and "
+                       "needs the Postgres ledger (--database-url-env); without, it works on the embedded log "
+                       "under --state-dir (then start serve with --no-in-process-stages: one consumer per stage). "
+                       "Serves /metrics, /healthz, /readyz on --metrics-port.")
+    worker.command(name)(command)
+
+
+_STATUS_SOURCE = ("state_dir", "database_url_env", "kafka_bootstrap_servers")
+
+
+@main.command()
+@click.argument("trace", required=False)
+@_loop_options(only=("state_dir", "database_url_env"))
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Latest runs shown.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(trace: str | None, limit: int, as_json: bool, **flags) -> None:
+    """Where the loop stands, from the journal: counts per phase and the latest runs, or one run.
+
+    \b
+    `trace-source status`            imported, graded (failed / passed / inconclusive), later phases,
+                                     blocked runs with their reasons, and the latest runs with verdicts.
+    `trace-source status TRACE_ID`   one trace's latest run: its phases, artifact paths, stop reason
+                                     (a unique prefix of the id is enough).
+    Reads <state-dir>/runs.jsonl, or the Postgres journal when --database-url-env names a set variable.
+    """
+    settings = load_loop_settings(flags)
+    from trace_source.status import render_run, render_summary
+
+    try:
+        text = (render_run(settings, trace, as_json=as_json) if trace
+                else render_summary(settings, limit=limit, as_json=as_json))
+    except LookupError as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from None
+    click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("trace")
+@click.option("--phase", type=click.Choice(["grade", "seed", "reproduce", "fix"]), default=None,
+              help="Phase to re-run [default: the phase the run ended in].")
+@click.option("--reason", default="reprocess requested", show_default=True, help="Why (journaled).")
+@_loop_options(only=("state_dir", "database_url_env", "kafka_bootstrap_servers", "execution_policy"))
+def reprocess(trace: str, phase: str | None, reason: str, **flags) -> None:
+    """Re-run a trace's last phase after its blocker was fixed (evidence, mapping, credential, harness, forge).
+
+    Reopens that phase's ledger row on purpose (redelivery alone never does), journals a `reprocess` event,
+    and puts the phase's input back on its topic for the running stage (serve, or its worker) to pick up.
+    The new run's parent is the old one; --execution-policy overrides the old run's policy.
+    """
+    explicit = {k: v for k, v in flags.items() if v is not None}
+    settings = load_loop_settings(flags)
+    from pipeline.reprocess import ReprocessError, reprocess as run_reprocess
+
+    try:
+        done = asyncio.run(run_reprocess(settings, trace, phase=phase, reason=reason,
+                                         policy=explicit.get("execution_policy")))
+    except ReprocessError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"reprocessing {done.trace_id}: phase {done.phase}, new run {done.run.run_id} "
+               f"(parent {done.previous_run_id}, policy {done.run.policy}) -> {done.input_topic}")
+
+
 def _traces_source_options(func):
     options = [
         click.option("--kafka-bootstrap-servers", envvar="TRACE_SOURCE_KAFKA_BOOTSTRAP_SERVERS", default=None,
@@ -270,6 +417,9 @@ def traces_show(ctx, trace_id, as_json, **source) -> None:
         click.echo(show_trace(trace_id, as_json=as_json, **options), nl=False)
     except (FileNotFoundError, LookupError) as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
+
+
+_register_stage_workers()
 
 
 if __name__ == "__main__":  # pragma: no cover
