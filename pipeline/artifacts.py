@@ -2,6 +2,7 @@
 state dir in the embedded default, a shared volume in a cluster)::
 
     grades/<trace_id>/grade.json        the verdict (pipeline.grading.model.Grade)
+    grades/<trace_id>/envelope.json     the graded envelope, kept when the run is to be reproduced
     seeds/<trace_id>/scenario.md        the generated reproduction scenario
     seeds/<trace_id>/seed.json          the filled-in seed templates and recorded tool results
     runs/<trace_id>/manifest.json       reproduction status, command, attempts, evidence, output paths
@@ -37,6 +38,10 @@ class ArtifactStore:
         return f"grades/{trace_id}/grade.json"
 
     @staticmethod
+    def envelope(trace_id: str) -> str:
+        return f"grades/{trace_id}/envelope.json"
+
+    @staticmethod
     def seed_dir(trace_id: str) -> str:
         return f"seeds/{trace_id}"
 
@@ -63,3 +68,7 @@ class ArtifactStore:
 
     async def write_text(self, relpath: str, text: str) -> str:
         return await self.write_bytes(relpath, text.encode())
+
+    async def read_bytes(self, relpath: str) -> bytes:
+        """Raises ``FileNotFoundError`` / ``OSError``."""
+        return await asyncio.to_thread((self.root / relpath).read_bytes)

@@ -77,9 +77,15 @@ class LoopSettings(BaseSettings):
     allow_external_execution: bool = Field(False, description=(
         "Allow the fix stage to run the coding-agent, validation and pull-request commands. Without it a "
         "reproduced failure ends blocked with this reason."))
-    repo: Path | None = Field(None, description=(
-        "The agent's repository (a local path) holding the contract folder (trace-source/ or archal/): "
-        "scenario.md success criteria are checked when grading; reproduce and fix need it."))
+    repo: str | None = Field(None, description=(
+        "The agent's repository — a local path, or a git URL cloned into <state_dir>/repos/ — holding the "
+        "contract folder (trace-source/ or archal/): scenario.md success criteria are checked when grading; "
+        "seed, reproduce and fix need it."))
+    repository: str | None = Field(None, description=(
+        "The repository's owner/name, when its origin remote does not say it; a trace whose envelope names "
+        "another repository is not reproduced with this one (blocked, with both names)."))
+    repo_ref: str = Field("HEAD", description=(
+        "Revision reproduced when the trace carries none (resource attribute vcs.ref.head.revision)."))
     contract_dir: str = Field("trace-source", description=(
         "Name of the contract folder at the repository root; when absent, archal/ is read."))
 
@@ -92,6 +98,21 @@ class LoopSettings(BaseSettings):
     judge_command: str | None = Field(None, description=(
         "A command that reads the envelope JSON on stdin and prints a verdict JSON (instead of the HTTP judge)."))
     judge_timeout_s: float = Field(60.0, gt=0, description="Deadline of one judge call.")
+
+    # -- reproduce --------------------------------------------------------------------------------------------------
+    attempts: int = Field(3, ge=1, le=20, description=(
+        "Harness runs per reproduction (and per fix proof): all show the failure = reproduced, some = flaky."))
+    pass_env: str = Field("", description=(
+        "Comma-separated names of environment variables passed to the harness (e.g. OPENAI_API_KEY); nothing "
+        "else of the worker's environment is, except PATH, HOME and LANG. Their values are masked in artifacts."))
+    otlp_endpoint: str | None = Field(None, description=(
+        "OTLP/HTTP endpoint of trace-source given to the harness (OTEL_EXPORTER_OTLP_ENDPOINT), so each attempt's "
+        "own trace is graded. The embedded serve sets its own; a reproduce worker must be told the receiver's."))
+    trace_wait_s: float = Field(180.0, gt=0, description=(
+        "How long after an attempt ends its own graded trace is waited for (assembly quiet period + grading)."))
+    work_dir: Path | None = Field(None, description=(
+        "Where working copies are made (default: <state_dir>/work). Attempt directories stay there for "
+        "inspection until the next reprocess."))
 
     # -- topics -----------------------------------------------------------------------------------------------------
     traces_topic: str = Field(TRACES_TOPIC, description="Envelopes (the assembler's output, the grade stage's input).")
@@ -154,6 +175,13 @@ class LoopSettings(BaseSettings):
     def judge_api_key(self) -> str | None:
         return os.environ.get(self.judge_api_key_env) or None
 
+    def pass_env_names(self) -> list[str]:
+        return [n.strip() for n in self.pass_env.split(",") if n.strip()]
+
+    @property
+    def work_root(self) -> Path:
+        return self.work_dir if self.work_dir is not None else self.state_dir / "work"
+
     def judge_configured(self) -> bool:
         return bool(self.judge_command or (self.judge_model and self.judge_base_url))
 
@@ -171,9 +199,12 @@ WORKER_ONLY: frozenset[str] = frozenset({
     "compression", "max_message_bytes", "max_poll_interval_s"})
 
 #: Fields that concern one stage only: ``worker <stage> --help`` shows them for that stage alone.
-STAGE_FIELDS: dict[str, str] = {
-    "judge_model": "grade", "judge_base_url": "grade", "judge_api_key_env": "grade", "judge_command": "grade",
-    "judge_timeout_s": "grade",
+_REPRODUCING = ("reproduce", "fix")
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "judge_model": ("grade",), "judge_base_url": ("grade",), "judge_api_key_env": ("grade",),
+    "judge_command": ("grade",), "judge_timeout_s": ("grade",),
+    "attempts": _REPRODUCING, "pass_env": _REPRODUCING, "otlp_endpoint": _REPRODUCING,
+    "trace_wait_s": _REPRODUCING, "work_dir": _REPRODUCING, "repo_ref": _REPRODUCING,
 }
 
 
@@ -187,7 +218,7 @@ def fields_for(*, stage: str | None = None, serve: bool = False) -> list[str]:
     for name in LoopSettings.model_fields:
         if (serve and name in WORKER_ONLY) or (not serve and name in SERVE_ONLY):
             continue
-        if not serve and name in STAGE_FIELDS and STAGE_FIELDS[name] != stage:
+        if not serve and name in STAGE_FIELDS and stage not in STAGE_FIELDS[name]:
             continue
         out.append(name)
     return out

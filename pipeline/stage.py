@@ -38,6 +38,9 @@ HEADER_RUN = "trace-source-run"
 HEADER_CONTENT_TYPE = "content-type"
 #: Set on a record ``trace-source reprocess`` put back on a stage's input topic (value: the reason).
 HEADER_REPROCESS = "reprocess"
+#: Optional on an envelope record: what brought it in (``import``, ``sync``, ``upload``, ``autoloop``); the grade
+#: stage records it as the run's trigger. Without it the trigger follows the envelope's source kind.
+HEADER_TRIGGER = "trace-source-trigger"
 
 #: Resource attributes the reproduce stage gives a harness run (through ``OTEL_RESOURCE_ATTRIBUTES``), so that the
 #: reproduction's own trace is graded as a run of its own whose parent is the run it reproduces — and never
@@ -46,6 +49,7 @@ RESOURCE_TRIGGER = "trace_source.trigger"
 RESOURCE_PARENT_RUN_ID = "trace_source.parent_run_id"
 RESOURCE_REPRODUCTION_OF = "trace_source.reproduction.trace_id"
 RESOURCE_ATTEMPT = "trace_source.reproduction.attempt"
+RESOURCE_ATTEMPT_ID = "trace_source.reproduction.attempt_id"
 
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")

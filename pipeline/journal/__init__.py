@@ -109,8 +109,10 @@ class Journal(Protocol):
         new."""
         ...
 
-    async def events(self, *, trace_id: str | None = None, limit: int | None = None) -> list[JournalEvent]:
-        """Events in append order (of one trace when ``trace_id``); ``limit`` keeps the newest N."""
+    async def events(self, *, trace_id: str | None = None, limit: int | None = None,
+                     parent_run_id: str | None = None) -> list[JournalEvent]:
+        """Events in append order — of one trace when ``trace_id``, of the runs whose parent is ``parent_run_id``
+        (a reproduction's attempts) when given; ``limit`` keeps the newest N."""
         ...
 
     async def close(self) -> None: ...

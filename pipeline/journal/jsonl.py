@@ -92,8 +92,10 @@ class JsonlJournal:
     def _torn_tail(self, fd: int, size: int) -> bool:
         return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
-    async def events(self, *, trace_id: str | None = None, limit: int | None = None) -> list[JournalEvent]:
-        return await asyncio.to_thread(read_events, self.path, trace_id=trace_id, limit=limit)
+    async def events(self, *, trace_id: str | None = None, limit: int | None = None,
+                     parent_run_id: str | None = None) -> list[JournalEvent]:
+        return await asyncio.to_thread(read_events, self.path, trace_id=trace_id, limit=limit,
+                                       parent_run_id=parent_run_id)
 
     async def close(self) -> None:
         return None
@@ -106,9 +108,10 @@ def _event_id(line: bytes) -> str | None:
         return None
 
 
-def read_events(path: Path, *, trace_id: str | None = None, limit: int | None = None) -> list[JournalEvent]:
-    """Every complete, valid event of the file in order (a torn or unreadable line is skipped with a warning); the
-    newest ``limit`` when given. A missing file has no events."""
+def read_events(path: Path, *, trace_id: str | None = None, limit: int | None = None,
+                parent_run_id: str | None = None) -> list[JournalEvent]:
+    """Every complete, valid event of the file in order (a torn or unreadable line is skipped with a warning),
+    filtered by ``trace_id`` / ``parent_run_id``; the newest ``limit`` when given. A missing file has none."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -121,12 +124,15 @@ def read_events(path: Path, *, trace_id: str | None = None, limit: int | None = 
         if not line.strip():
             continue
         if trace_id is not None and trace_id.encode() not in line:
-            continue  # cheap pre-filter; the parsed field decides
+            continue  # cheap pre-filters; the parsed fields decide
+        if parent_run_id is not None and parent_run_id.encode() not in line:
+            continue
         try:
             event = JournalEvent.model_validate_json(line)
         except ValueError as exc:
             log.warning("journal.bad_line", path=str(path), line=n, error=str(exc)[:200])
             continue
-        if trace_id is None or event.trace_id == trace_id:
+        if (trace_id is None or event.trace_id == trace_id) and (
+                parent_run_id is None or event.run.parent_run_id == parent_run_id):
             out.append(event)
     return out[-limit:] if limit else out

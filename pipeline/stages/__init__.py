@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 #: Stage name -> module implementing it.
 STAGES: dict[str, str] = {
     "grade": "pipeline.stages.grade",
+    "seed": "pipeline.stages.seed",
+    "reproduce": "pipeline.stages.reproduce",
 }
 
 #: The order of the loop.

@@ -29,7 +29,8 @@ from pipeline.loop_settings import LoopSettings, config_version
 from pipeline.outputs import ClaimCheckError, resolve_envelope
 from pipeline.policy import allows, narrower
 from pipeline.stage import (
-    RESOURCE_PARENT_RUN_ID, RESOURCE_TRIGGER, EventDraft, Identity, Outcome, PoisonInput, WorkItem, identify_record)
+    HEADER_TRIGGER, RESOURCE_ATTEMPT, RESOURCE_ATTEMPT_ID, RESOURCE_PARENT_RUN_ID, RESOURCE_REPRODUCTION_OF, RESOURCE_TRIGGER,
+    EventDraft, Identity, Outcome, PoisonInput, WorkItem, identify_record)
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +78,7 @@ class GradeStage:
     def launch(self, env: Envelope, item: WorkItem) -> RunInfo:
         """The run's launch metadata for an envelope that arrived without it (straight from the assembler)."""
         resource = env.resource
-        trigger = _TRIGGERS.get(env.source.kind, env.source.kind)
+        trigger = item.record.header(HEADER_TRIGGER) or _TRIGGERS.get(env.source.kind, env.source.kind)
         policy = self.settings.execution_policy
         if resource.get(RESOURCE_TRIGGER) == "reproduction":
             # A reproduction's own trace: graded like any run, never seeded or reproduced itself.
@@ -97,9 +98,10 @@ class GradeStage:
         if env.idempotency_key != item.identity.envelope_key or env.trace_id != item.trace_id:
             raise PoisonInput("the envelope's trace id / idempotency key do not match the record's key / header")
         run = item.identity.run or self.launch(env, item)
+        provenance = reproduction_details(env)
         imported = EventDraft("import", "imported", details={
             "envelope_version": env.envelope_version, "spans": len(env.spans), "log_events": len(env.log_events),
-            "closed_reason": env.completeness.closed_reason, "agent": env.agent_run.agent_name})
+            "closed_reason": env.completeness.closed_reason, "agent": env.agent_run.agent_name, **provenance})
         if not allows(run.policy, "grade"):
             return Outcome("done", None, [imported], run)
 
@@ -114,15 +116,37 @@ class GradeStage:
             else:
                 grade = grade.model_copy(update={"judge": skipped_report(self.judge.describe())})
         document = grade.to_json_bytes()
-        path = await self.artifacts.write_json(ArtifactStore.grade(env.trace_id), json.loads(document))
+        paths = [await self.artifacts.write_json(ArtifactStore.grade(env.trace_id), json.loads(document))]
+        if grade.reproduce and allows(run.policy, "seed"):
+            # The seed and reproduce stages read the envelope they work on from here.
+            paths.append(await self.artifacts.write_bytes(ArtifactStore.envelope(env.trace_id),
+                                                          env.to_json_bytes()))
         status = grade.verdict
         graded = EventDraft("grade", status, reason=None if status == "passed" else grade.summary,
-                            artifacts=[path], details={"verdict": grade.verdict, "category": grade.category,
-                                                       "reproduce": grade.reproduce, "decided_by": grade.decided_by})
+                            artifacts=paths, details={
+                                "verdict": grade.verdict, "category": grade.category, "reproduce": grade.reproduce,
+                                "decided_by": grade.decided_by,
+                                "signature": grade.signature.model_dump() if grade.signature else None,
+                                **provenance})
         return Outcome("done", document, [imported, graded], run)
+
+
+def reproduction_details(env: Envelope) -> dict[str, object]:
+    """For the trace of a reproduction attempt (resource attributes the reproduce stage set): which trace it
+    reproduces and which attempt it is; ``{}`` for any other trace."""
+    res = env.resource
+    if res.get(RESOURCE_TRIGGER) != "reproduction":
+        return {}
+    return {"reproduction_of": res.get(RESOURCE_REPRODUCTION_OF), "attempt": res.get(RESOURCE_ATTEMPT),
+            "attempt_id": res.get(RESOURCE_ATTEMPT_ID)}
 
 
 def build(settings: LoopSettings, artifacts: ArtifactStore) -> GradeStage:
     """The grade stage from settings: the judge when configured, the scenario's criteria when ``repo`` is set."""
-    criteria_text = read_scenario(settings.repo, settings.contract_dir) if settings.repo is not None else None
+    criteria_text = None
+    if settings.repo is not None:
+        from pipeline.repository import Repository
+
+        repo = Repository(settings.repo, settings.state_dir, ref=settings.repo_ref)
+        criteria_text = read_scenario(repo.prepare(), settings.contract_dir)
     return GradeStage(settings, artifacts, judge=build_judge(settings), criteria_text=criteria_text)
