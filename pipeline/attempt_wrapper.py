@@ -8,7 +8,7 @@ starting the harness a second time (:mod:`pipeline.harness`). That is what makes
 across worker crashes.
 
 Result file (JSON, written atomically): ``{"setup_exit": int | null, "exit_code": int | null,
-"error": str | null}``; ``exit_code`` is ``-N`` when the command died of signal ``N``, ``127`` when it could not be
+"error": str | null, "ended_at": unix s}``; ``exit_code`` is ``-N`` when the command died of signal ``N``, ``127`` when it could not be
 started (``error`` says why). stdin is whatever the worker gave (``/dev/null``); stdout/stderr are inherited.
 """
 
@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 
 def _run(argv: list[str]) -> tuple[int, str | None]:
@@ -47,6 +48,7 @@ def main(args: list[str]) -> int:
             outcome["error"] = error or f"setup command exited {code}"
     if outcome["error"] is None:
         outcome["exit_code"], outcome["error"] = _run(command)
+    outcome["ended_at"] = time.time()
     tmp = result_file + ".tmp"
     with open(tmp, "w") as f:
         json.dump(outcome, f)

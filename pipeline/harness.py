@@ -88,8 +88,9 @@ def _finished(directory: Path, started_at: float, timed_out: bool, adopted: bool
     if (directory / "result.json").exists():
         result = json.loads((directory / "result.json").read_text())
     timed_out = timed_out or (directory / "timed_out").exists()
+    ended = result.get("ended_at") or time.time()
     return ProcessResult(exit_code=None if timed_out else result.get("exit_code"), timed_out=timed_out,
-                         duration_s=round(time.time() - started_at, 3), stdout=_read(directory / "stdout"),
+                         duration_s=round(max(0.0, ended - started_at), 3), stdout=_read(directory / "stdout"),
                          stderr=_read(directory / "stderr"), error=result.get("error"),
                          setup_exit=result.get("setup_exit"), adopted=adopted)
 

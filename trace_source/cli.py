@@ -301,6 +301,50 @@ def _add_stage_worker(name: str, module_name: str) -> None:
     worker.command(name)(command)
 
 
+@main.group()
+def contract() -> None:
+    """The repository contract the loop reproduces and fixes with (trace-source/ or archal/ folder)."""
+
+
+@contract.command("check")
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="The agent repository's root.")
+@click.option("--contract-dir", default="trace-source", show_default=True,
+              help="Contract folder name (archal/ is read when it is absent).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def contract_check(repo: Path, contract_dir: str, as_json: bool) -> None:
+    """Validate harness.json, scenario.md and seeds/*.json; name every problem (exit 1 on errors).
+
+    Runs nothing: use `trace-source autoloop --check` for a harness smoke test.
+    """
+    import json as _json
+
+    from pipeline.contract import load_contract
+
+    found = load_contract(repo, contract_dir)
+    if as_json:
+        click.echo(_json.dumps({"repo": str(repo), "folder": str(found.folder) if found.folder else None,
+                                "ok": found.ok, "problems": [{"where": p.where, "what": p.what, "fatal": p.fatal}
+                                                             for p in found.problems],
+                                "harness": None if found.harness is None else {
+                                    "command": list(found.harness.command), "env": sorted(found.harness.env),
+                                    "timeout_s": found.harness.timeout_s, "workdir": found.harness.workdir},
+                                "seeds": sorted(found.seeds)}, indent=2))
+    else:
+        if found.folder is not None:
+            click.echo(f"contract folder: {found.folder}")
+        if found.harness is not None:
+            click.echo(f"harness: {' '.join(found.harness.command)} (timeout {found.harness.timeout_s:g} s, "
+                       f"env {', '.join(sorted(found.harness.env)) or 'none'})")
+        if found.seeds:
+            click.echo(f"seed templates: {', '.join(sorted(found.seeds))}")
+        for p in found.problems:
+            click.echo(str(p))
+        click.echo("ok" if found.ok else f"{len(found.fatal())} error(s)")
+    if not found.ok:
+        raise SystemExit(1)
+
+
 _STATUS_SOURCE = ("state_dir", "database_url_env", "kafka_bootstrap_servers")
 
 
