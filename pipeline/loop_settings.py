@@ -114,6 +114,34 @@ class LoopSettings(BaseSettings):
         "Where working copies are made (default: <state_dir>/work). Attempt directories stay there for "
         "inspection until the next reprocess."))
 
+    # -- fix ------------------------------------------------------------------------------------------------------
+    fix_command: str | None = Field(None, description=(
+        "The coding agent that patches the working copy, run by /bin/sh -c in it, e.g. 'aider --yes --message-file "
+        "\"$TRACE_SOURCE_FIX_PROMPT\"' or 'claude -p \"$(cat $TRACE_SOURCE_FIX_PROMPT)\"'. Its environment: PATH, "
+        "HOME, LANG, --pass-env and TRACE_SOURCE_FIX_* (docs/fix.md). Runs only with --allow-external-execution."))
+    validation_command: str | None = Field(None, description=(
+        "The repository's validation (e.g. 'python -m pytest -q'), run by /bin/sh -c in the patched copy; a fix is "
+        "proven only when it passes and the reproduction no longer fails. Unset = the reproduction alone proves."))
+    max_fix_attempts: int = Field(2, ge=1, le=10, description="Fix attempts before the run ends budget_exhausted.")
+    fix_timeout_s: float = Field(1800.0, gt=0, description="Deadline of one fix command run (process group killed).")
+    validation_timeout_s: float = Field(1800.0, gt=0, description="Deadline of one validation run.")
+    pr_command: str | None = Field(None, description=(
+        "Open the pull request with this command (/bin/sh -c, e.g. 'gh pr create --draft --fill') instead of the "
+        "forge's REST API; it gets TRACE_SOURCE_FIX_BRANCH, TRACE_SOURCE_PR_TITLE, TRACE_SOURCE_PR_BODY (a file), "
+        "TRACE_SOURCE_PR_BASE; the last URL it prints is the pull request."))
+    forge: Literal["auto", "github", "gitea"] = Field("auto", description=(
+        "The forge's REST API: github, gitea (also Forgejo), or auto (github for github.com remotes, gitea when "
+        "--forge-api-url ends with /api/v1)."))
+    forge_api_url: str | None = Field(None, description=(
+        "Base URL of the forge's API (https://api.github.com for github.com; https://host/api/v1 for Gitea)."))
+    forge_token_env: str = Field("TRACE_SOURCE_FORGE_TOKEN", description=(
+        "Name of the environment variable holding the forge token (push over HTTPS and the REST API)."))
+    push_remote: str = Field("origin", description="Remote of the repository the fix branch is pushed to.")
+    base_branch: str | None = Field(None, description=(
+        "Branch the pull request targets (default: the forge's default branch). Never pushed to."))
+    git_author_name: str = Field("trace-source", description="Author name of fix commits.")
+    git_author_email: str = Field("trace-source@users.noreply.localhost", description="Author email of fix commits.")
+
     # -- topics -----------------------------------------------------------------------------------------------------
     traces_topic: str = Field(TRACES_TOPIC, description="Envelopes (the assembler's output, the grade stage's input).")
     grades_topic: str = Field(GRADES_TOPIC, description="Grade documents (key = trace id).")
@@ -172,6 +200,9 @@ class LoopSettings(BaseSettings):
         """The ledger/journal database URL from the environment variable named by ``database_url_env``."""
         return os.environ.get(self.database_url_env) or None
 
+    def forge_token(self) -> str | None:
+        return os.environ.get(self.forge_token_env) or None
+
     def judge_api_key(self) -> str | None:
         return os.environ.get(self.judge_api_key_env) or None
 
@@ -205,6 +236,10 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "judge_command": ("grade",), "judge_timeout_s": ("grade",),
     "attempts": _REPRODUCING, "pass_env": _REPRODUCING, "otlp_endpoint": _REPRODUCING,
     "trace_wait_s": _REPRODUCING, "work_dir": _REPRODUCING, "repo_ref": _REPRODUCING,
+    **{name: ("fix",) for name in (
+        "fix_command", "validation_command", "max_fix_attempts", "fix_timeout_s", "validation_timeout_s",
+        "pr_command", "forge", "forge_api_url", "forge_token_env", "push_remote", "base_branch", "git_author_name",
+        "git_author_email")},
 }
 
 

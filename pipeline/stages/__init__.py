@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "grade": "pipeline.stages.grade",
     "seed": "pipeline.stages.seed",
     "reproduce": "pipeline.stages.reproduce",
+    "fix": "pipeline.stages.fix",
 }
 
 #: The order of the loop.
