@@ -118,7 +118,7 @@ class LoopSettings(BaseSettings):
     fix_command: str | None = Field(None, description=(
         "The coding agent that patches the working copy, run by /bin/sh -c in it, e.g. 'aider --yes --message-file "
         "\"$TRACE_SOURCE_FIX_PROMPT\"' or 'claude -p \"$(cat $TRACE_SOURCE_FIX_PROMPT)\"'. Its environment: PATH, "
-        "HOME, LANG, --pass-env and TRACE_SOURCE_FIX_* (docs/fix.md). Runs only with --allow-external-execution."))
+        "HOME, LANG, --pass-env and TRACE_SOURCE_FIX_* (docs/loop.md). Runs only with --allow-external-execution."))
     validation_command: str | None = Field(None, description=(
         "The repository's validation (e.g. 'python -m pytest -q'), run by /bin/sh -c in the patched copy; a fix is "
         "proven only when it passes and the reproduction no longer fails. Unset = the reproduction alone proves."))
