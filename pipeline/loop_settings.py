@@ -229,8 +229,8 @@ def config_version(*parts: object) -> str:
 #: Fields only a stage worker has (``serve`` runs the stages in-process on the embedded log, with its own
 #: metrics endpoint and no topics to create).
 WORKER_ONLY: frozenset[str] = frozenset({
-    "consumer_group", "metrics_host", "metrics_port", "group_instance_id", "create_topics", "topic_partitions", "replication_factor",
-    "compression", "max_message_bytes", "max_poll_interval_s"})
+    "consumer_group", "metrics_host", "metrics_port", "group_instance_id", "create_topics", "topic_partitions",
+    "replication_factor", "compression", "max_message_bytes", "max_poll_interval_s"})
 
 #: Fields that concern one stage only: ``worker <stage> --help`` shows them for that stage alone.
 _REPRODUCING = ("reproduce", "fix")
