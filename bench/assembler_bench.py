@@ -47,6 +47,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench import profiling
 from bench.common import (
     PROTOBUF, REPO, RESULTS_DIR, TOPIC_MAX_BYTES, LoggedProcess, ServerProcess, cpu_cores, delete_topic, environment,
     fmt, fmt_k, java_children, machine_cpu_s, median, note_cpu_contention, percentile, process_cpu_s,
@@ -711,6 +712,14 @@ class PhaseResult:
     verification: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    profile: dict[str, Any] | None = None
+
+
+def profiled_window_s(workers: list[WorkerProc], watcher: OutputWatcher) -> float:
+    """Seconds from the first assignment to the last first envelope (the profiled window), for the report."""
+    starts = [w.assigned[0][0] for w in workers if w.assigned]
+    ends = list(watcher.first_ms.values())
+    return round(max(ends) / 1000 - min(starts), 1) if starts and ends else 0.0
 
 
 async def run_assembler_phase(args, broker: Broker, workload: Workload, input_topic: str, n: int, round_no: int,
@@ -732,9 +741,12 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
     for opt in args.worker_option:
         k, _, v = opt.partition("=")
         flags[k.strip().removeprefix("--").replace("_", "-")] = v
-    cmd = [str(TRACE_SOURCE), "worker", "assemble"]
+    cmd = ["worker", "assemble"]
     for k, v in flags.items():
         cmd += [f"--{k}", str(v)]
+    pstats = phase_dir / "profile.pstats" if args.profile else None
+    cmd = (profiling.command(pstats, args.profile_clock, "trace_source.cli", *cmd) if pstats
+           else [str(TRACE_SOURCE), *cmd])
     watcher = OutputWatcher(broker.bootstrap, traces_topic, workload.expected)
     await watcher.start()
     workers = [WorkerProc(i, cmd, phase_dir / f"worker-{i}.log") for i in range(n)]
@@ -750,12 +762,16 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
     deadline = time.monotonic() + args.timeout
     last_progress, last_missing, last_change = time.monotonic(), expected_n, time.monotonic()
     last_gauges = 0.0
+    profiling_window = False
     try:
         while not watcher.complete.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(watcher.complete.wait(), 0.25)
             for w in workers:
                 w.read_log()
+            if pstats and not profiling_window and workers[0].assigned:
+                profiling.send(workers[0], True)  # the window opens at the first assignment (within ~0.25 s)
+                profiling_window = True
             dead = [w for w in workers if w.exited() is not None]
             if dead and not watcher.complete.is_set():
                 for w in dead:
@@ -780,6 +796,8 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
                 say(f"{label} {time.time() - t_launch:5.1f} s: {done:,}/{expected_n:,} envelopes{rate}; "
                     f"partitions: {'; '.join(f'w{w.index} {w.partitions()}' for w in workers)}")
         timeline.sample()
+        if profiling_window:
+            profiling.send(workers[0], False)
         if watcher.complete.is_set():
             await asyncio.sleep(args.settle)  # late duplicates (e.g. a rebalance replay) would show up now
         for w in workers:
@@ -787,10 +805,20 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
         metrics = [await scrape_metrics(w.metrics_port) for w in workers]
     finally:
         t_stop = time.time()  # rebalances after this are the workers leaving the group on SIGTERM
+        if pstats:
+            await asyncio.sleep(1.0)  # the profiler writes its file on SIGUSR2
         for w in workers:
             w.terminate()
         codes = [await asyncio.to_thread(w.wait, 30.0) for w in workers]
         await watcher.stop()
+    if pstats:
+        if pstats.exists():
+            keep = results_path(None, f"profile-assembler-{stamp}.pstats")
+            shutil.copy(pstats, keep)
+            res.profile = profiling.report(keep, args.top, profiled_window_s(workers, watcher), args.profile_clock,
+                                           "the worker (event loop and envelope-building threads)")
+        else:
+            res.errors.append(f"no profile was written ({pstats})")
     for w in workers:
         w.read_log()
     if args.keep_logs:
@@ -1025,7 +1053,7 @@ def run_e2e(args: argparse.Namespace) -> int:
                    "connections": args.connections, "workers": worker_counts, "rounds": args.rounds,
                    "quiet_period_s": args.quiet_period, "worker_log_level": args.worker_log_level,
                    "worker_options": args.worker_option, "rebalance_delay_ms": args.rebalance_delay_ms,
-                   "broker_jvm": args.broker_jvm},
+                   "broker_jvm": args.broker_jvm, "profile": args.profile},
         "environment": env, "kafka": {**broker.info, "input_topic": input_topic},
         "workload": {"requests": len(workload.bodies), "spans": workload.spans, "traces": len(workload.expected),
                      "body_bytes_mean": workload.body_bytes_mean},
@@ -1109,6 +1137,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "bench/results/assembler-<timestamp>-logs/")
     e.add_argument("--output", type=Path, default=None,
                    help="JSON results file (default: bench/results/assembler-<timestamp>.json)")
+    e.add_argument("--profile", action="store_true",
+                   help="one phase with one worker (implies --workers 1 --rounds 1), the worker under cProfile from "
+                        "its first partition assignment to the last envelope: its event loop and the threads that "
+                        "build envelopes; prints the top functions and writes "
+                        "bench/results/profile-assembler-<timestamp>.pstats (python -m pstats)")
+    e.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
+                   help="what --profile measures: 'cpu' = each profiled thread's CPU time (robust on a busy machine), "
+                        "'wall' = wall-clock time (default: %(default)s)")
+    e.add_argument("--top", type=int, default=30, help="functions listed by --profile (default: %(default)s)")
     m = parser.add_argument_group("micro mode")
     m.add_argument("--requests", type=int, default=8, help="export requests to split and assemble "
                                                           "(default: %(default)s)")
@@ -1124,6 +1161,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "micro":
         return run_micro(args)
     args.rounds = args.rounds or 1
+    if args.profile:
+        args.workers, args.rounds = "1", 1
     try:
         counts = [int(x) for x in args.workers.split(",") if x.strip()]
     except ValueError:

@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from bench.common import (
     machine_cpu_s, median, note_cpu_contention, percentile, process_cpu_s, quiet_library_logs, results_path, say,
     start_harness_broker, timestamp, write_results,
 )
+from bench import profiling
 
 TARGETS = ("reference", "kafka", "local")
 TARGET_TITLES = {
@@ -352,15 +352,13 @@ def run_load(server: ServerProcess, args: argparse.Namespace, payloads_path: Pat
 def _serve_cmd(args: argparse.Namespace, state_dir: Path, extra: list[str], pstats: Path | None) -> list[str]:
     serve_args = ["serve", "--port", "0", "--grpc-port", "0", "--state-dir", str(state_dir), *extra]
     if pstats is not None:
-        return [sys.executable, "-m", "bench.receiver_bench", "--_profiled", str(pstats), args.profile_clock,
-                "trace_source.cli", *serve_args]
+        return profiling.command(pstats, args.profile_clock, "trace_source.cli", *serve_args)
     return [str(Path(sys.executable).with_name("trace-source")), *serve_args]
 
 
 def _reference_cmd(args: argparse.Namespace, pstats: Path | None) -> list[str]:
     if pstats is not None:
-        return [sys.executable, "-m", "bench.receiver_bench", "--_profiled", str(pstats), args.profile_clock,
-                "bench.reference_server", "--port", "0"]
+        return profiling.command(pstats, args.profile_clock, "bench.reference_server", "--port", "0")
     return [sys.executable, "-m", "bench.reference_server", "--port", "0"]
 
 
@@ -423,7 +421,7 @@ def run_target(target: str, args: argparse.Namespace, payloads_path: Path, work_
 
     def on_window(begin: bool) -> None:
         if pstats is not None:
-            server.signal(signal.SIGUSR1 if begin else signal.SIGUSR2)
+            profiling.send(server, begin)
 
     try:
         result = run_load(server, args, payloads_path, work_dir, cpu_groups, on_window)
@@ -446,103 +444,6 @@ def run_target(target: str, args: argparse.Namespace, payloads_path: Path, work_
                         f"other processes used {{others:.2f}} of {os.cpu_count()} cores during the window: this "
                         f"target competed for CPU, compare spans per server CPU-s rather than spans/s")
     return result
-
-
-# ================================================================================================ profiling
-
-
-def _profiled_main(argv: list[str]) -> int:
-    """``--_profiled PSTATS CLOCK MODULE ARGS...``: run MODULE as __main__; SIGUSR1 starts cProfile, SIGUSR2 stops
-    it and writes PSTATS. Only the main thread (the event loop) is profiled. CLOCK ``cpu`` times functions with the
-    main thread's CPU time (time.thread_time), so time the thread spent descheduled on a busy machine is not
-    charged to whatever function it was in; ``wall`` uses cProfile's default wall clock (waiting shows up too)."""
-    import cProfile
-    import runpy
-
-    pstats_path, clock, module, *rest = argv
-    prof = cProfile.Profile(time.thread_time) if clock == "cpu" else cProfile.Profile()
-
-    def begin(signum, frame) -> None:
-        prof.enable()
-
-    def end(signum, frame) -> None:
-        prof.disable()
-        prof.dump_stats(pstats_path)
-
-    signal.signal(signal.SIGUSR1, begin)
-    signal.signal(signal.SIGUSR2, end)
-    sys.argv = [module, *rest]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-    return 0
-
-
-def _short(filename: str) -> str:
-    for marker in ("site-packages/", "/lib/python3"):
-        i = filename.find(marker)
-        if i >= 0:
-            rest = filename[i + len(marker):]
-            return rest if marker == "site-packages/" else "stdlib" + rest[rest.find("/"):]
-    with contextlib.suppress(ValueError):
-        return str(Path(filename).resolve().relative_to(REPO))
-    return filename
-
-
-def _component(filename: str, name: str) -> str:
-    if filename == "~":
-        if any(c in name for c in ("lz4", "zstd", "snappy", "zlib", "Compress", "compress")):
-            return "kafka compression (C, via aiokafka.codec)"
-        if "FromString" in name or "SerializeToString" in name or "ParseFromString" in name:
-            return "protobuf (upb, C)"
-        if "epoll" in name or "select" in name:
-            return "event loop: waiting in epoll (idle)"
-        if "socket" in name or "recv" in name or "send" in name:
-            return "socket I/O (C)"
-        return "other builtins (C)"
-    short = _short(filename)
-    if short.startswith("stdlib/"):
-        mod = short.split("/")[1].removesuffix(".py")
-        return f"stdlib {mod}"
-    top = short.split("/")[0]
-    return top.removesuffix(".py")
-
-
-def report_profile(pstats_path: Path, top: int, wall_s: float, clock: str) -> dict[str, Any]:
-    import pstats
-
-    stats = pstats.Stats(str(pstats_path))
-    total = stats.total_tt  # type: ignore[attr-defined]
-    rows = []
-    components: dict[str, float] = {}
-    for (filename, line, name), (cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        comp = _component(filename, name)
-        components[comp] = components.get(comp, 0.0) + tt
-        where = name if filename == "~" else f"{_short(filename)}:{line}({name})"
-        rows.append({"function": where, "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4), "ncalls": nc,
-                     "primitive_calls": cc, "component": comp})
-    rows.sort(key=lambda r: r["tottime_s"], reverse=True)
-    unit = "CPU s of the event-loop thread" if clock == "cpu" else "s wall clock"
-    say(f"\nProfile of the server's main thread over the measured window ({wall_s:g} s wall, {total:.2f} {unit}; "
-        f"cProfile adds overhead per Python call, so Python-heavy code looks more expensive than it is)")
-    say(f"top {top} functions by own time (tottime):")
-    say(f"{'tottime s':>9} {'%':>5} {'cumtime s':>9} {'calls':>9}  function")
-    for r in rows[:top]:
-        say(f"{r['tottime_s']:9.3f} {100 * r['tottime_s'] / total:5.1f} {r['cumtime_s']:9.3f} {r['ncalls']:9d}  "
-            f"{r['function']}")
-    say("\nown time by component:")
-    comps = sorted(components.items(), key=lambda kv: kv[1], reverse=True)
-    for comp, tt in comps[:20]:
-        say(f"{tt:9.3f} {100 * tt / total:5.1f}%  {comp}")
-    by_cum = sorted(rows, key=lambda r: r["cumtime_s"], reverse=True)
-    say("\nproject functions by cumulative time (time spent in them and everything they call):")
-    shown = 0
-    for r in by_cum:
-        if r["function"].split("/")[0] in ("receiver", "sinks", "trace_source") and shown < 15:
-            say(f"{r['cumtime_s']:9.3f} {100 * r['cumtime_s'] / total:5.1f}%  {r['function']}  ({r['ncalls']} calls)")
-            shown += 1
-    return {"pstats": str(pstats_path), "clock": clock, "profiled_s": round(total, 3), "top_tottime": rows[:top],
-            "components": {k: round(v, 4) for k, v in comps},
-            "top_cumtime_project": [r for r in by_cum if r["function"].split("/")[0] in
-                                    ("receiver", "sinks", "trace_source")][:15]}
 
 
 # ================================================================================================ main
@@ -648,8 +549,6 @@ def main(argv: list[str] | None = None) -> int:
     # Internal modes (subprocesses of the bench itself); not part of --help.
     if argv[:1] == ["--_loadgen-worker"]:
         return _loadgen_main(argv[1])
-    if argv[:1] == ["--_profiled"]:
-        return _profiled_main(argv[1:])
 
     args = build_parser().parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -702,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(result)
                 if pstats_path is not None:
                     if pstats_path.exists():
-                        profile = report_profile(pstats_path, args.top, args.duration, args.profile_clock)
+                        profile = profiling.report(pstats_path, args.top, args.duration, args.profile_clock)
                     else:
                         say(f"[{target}] no profile was written ({pstats_path})")
         finally:
