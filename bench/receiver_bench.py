@@ -48,13 +48,16 @@ from bench.common import (
     machine_cpu_s, median, note_cpu_contention, percentile, process_cpu_s, quiet_library_logs, results_path, say,
     start_harness_broker, timestamp, write_results,
 )
-from bench import profiling
+from bench import peers, profiling
 
-TARGETS = ("reference", "kafka", "local")
+OWN_TARGETS = ("reference", "kafka", "local")
+TARGETS = (*OWN_TARGETS, *peers.PEER_TARGETS)
+KAFKA_TARGETS = ("kafka", "otelcol-sync", "otelcol-queue")
 TARGET_TITLES = {
     "reference": "reference (parse only)",
     "kafka": "trace-source -> Kafka",
     "local": "trace-source -> local log",
+    **peers.PEER_TITLES,
 }
 COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 
@@ -401,7 +404,14 @@ class KafkaForBench:
 def run_target(target: str, args: argparse.Namespace, payloads_path: Path, work_dir: Path,
                kafka: KafkaForBench | None, pstats: Path | None = None, round_no: int = 1) -> TargetResult:
     cpu_groups: dict[str, list[int]] = {}
-    if target == "reference":
+    server: ServerProcess | None = None
+    if target in ("otelcol-sync", "otelcol-queue"):
+        assert kafka is not None
+        server = peers.collector_process(target, work_dir, round_no, kafka.bootstrap, kafka.topic)
+        cpu_groups = kafka.cpu_groups()
+    elif target == "phoenix":
+        server = peers.phoenix_process(work_dir, round_no)
+    elif target == "reference":
         cmd = _reference_cmd(args, pstats)
     elif target == "kafka":
         assert kafka is not None
@@ -412,7 +422,8 @@ def run_target(target: str, args: argparse.Namespace, payloads_path: Path, work_
         cpu_groups = kafka.cpu_groups()
     else:
         cmd = _serve_cmd(args, work_dir / f"state-local-{round_no}", [], pstats)
-    server = ServerProcess(TARGET_TITLES[target], cmd, work_dir / f"{target}-{round_no}-server.log")
+    if server is None:
+        server = ServerProcess(TARGET_TITLES[target], cmd, work_dir / f"{target}-{round_no}-server.log")
     t0 = time.monotonic()
     server.start()
     say(f"[{target}] server up (pid {server.pid}) in {time.monotonic() - t0:.1f} s"
@@ -470,7 +481,7 @@ def summarize(rounds: list[TargetResult]) -> TargetResult:
 
 
 def _print_table(results: list[TargetResult], rounds: int) -> None:
-    header = (f"{'target':<26} {'spans/s':>9} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+    header = (f"{'target':<31} {'spans/s':>9} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
               f"{'RSS MB':>6} {'x% of ceiling':>13} | {'spans/CPU-s':>11} {'x% eff.':>7} | "
               f"{'srv':>4} {'gen':>4} {'kafka':>5} {'other':>5}")
     say("\n" + (f"median of {rounds} rounds per figure" if rounds > 1 else ""))
@@ -483,7 +494,7 @@ def _print_table(results: list[TargetResult], rounds: int) -> None:
             ratio = eff = "ceiling"
         c = r.cpu_cores
         per_cpu = "-" if not r.spans_per_server_cpu_s else f"{r.spans_per_server_cpu_s:,.0f}"
-        say(f"{TARGET_TITLES[r.target]:<26} {r.spans_per_s:>9,.0f} {r.requests_per_s:>7,.1f} "
+        say(f"{TARGET_TITLES[r.target]:<31} {r.spans_per_s:>9,.0f} {r.requests_per_s:>7,.1f} "
             f"{fmt(r.latency_ms.get('p50'), 1):>7} {fmt(r.latency_ms.get('p99'), 1):>7} {r.error_count:>6} "
             f"{r.peak_rss_mb:>6.0f} {ratio:>13} | {per_cpu:>11} {eff:>7} | "
             f"{fmt(c.get('server')):>4} {fmt(c.get('generator')):>4} {fmt(c.get('broker')):>5} "
@@ -492,6 +503,44 @@ def _print_table(results: list[TargetResult], rounds: int) -> None:
         f"and x% eff. that relative to the reference (less sensitive to other load on the machine). Last four "
         f"columns: CPU cores used in the window by the server, the load generator, the broker JVM (when started "
         f"by the bench) and all other processes (this machine has {os.cpu_count()} cores).")
+
+
+def peer_ratios(results: list[TargetResult]) -> list[dict[str, Any]]:
+    """trace-source (each own target that writes somewhere durable) divided by each peer, per round, and the
+    median over rounds: spans/s, spans per server CPU-s, and p99 latency (below 1 = trace-source is faster)."""
+    out = []
+    for own in ("kafka", "local"):
+        for peer in peers.PEER_TARGETS:
+            per_round = []
+            for r in results:
+                if r.target != own:
+                    continue
+                p = next((x for x in results if x.target == peer and x.round == r.round), None)
+                if p is None:
+                    continue
+                per_round.append({
+                    "round": r.round,
+                    "spans_per_s": round(r.spans_per_s / p.spans_per_s, 3) if p.spans_per_s else None,
+                    "spans_per_cpu_s": (round(r.spans_per_server_cpu_s / p.spans_per_server_cpu_s, 3)
+                                        if r.spans_per_server_cpu_s and p.spans_per_server_cpu_s else None),
+                    "p99_latency": (round(r.latency_ms["p99"] / p.latency_ms["p99"], 3)
+                                    if r.latency_ms.get("p99") and p.latency_ms.get("p99") else None)})
+            if per_round:
+                out.append({"trace_source": own, "peer": peer, "peer_durable_before_reply": peers.PEER_TARGETS[peer],
+                            "rounds": per_round,
+                            **{k: median([x[k] for x in per_round]) for k in ("spans_per_s", "spans_per_cpu_s",
+                                                                              "p99_latency")}})
+    return out
+
+
+def _print_ratios(ratios: list[dict[str, Any]]) -> None:
+    say("\ntrace-source / peer (same run; medians of the per-round ratios; > 1 = trace-source does more, "
+        "p99 < 1 = trace-source answers sooner):")
+    say(f"{'trace-source target':<26} {'peer':<31} {'spans/s':>8} {'spans/CPU-s':>11} {'p99':>6}  peer replies")
+    for r in ratios:
+        when = "after durable (same promise)" if r["peer_durable_before_reply"] else "BEFORE durable"
+        say(f"{TARGET_TITLES[r['trace_source']]:<26} {TARGET_TITLES[r['peer']]:<31} {fmt(r['spans_per_s']):>8} "
+            f"{fmt(r['spans_per_cpu_s']):>11} {fmt(r['p99_latency']):>6}  {when}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -518,7 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="different precomputed request bodies, sent round robin (default: %(default)s)")
     parser.add_argument("--targets", default=",".join(TARGETS),
                         help="comma-separated subset of: reference (parse-only ceiling), kafka (trace-source into "
-                             "Kafka), local (trace-source into the embedded log) (default: %(default)s)")
+                             "Kafka), local (trace-source into the embedded log), and the peers otelcol-sync (the "
+                             "OpenTelemetry Collector into Kafka, sending queue off: replies after the Kafka ack), "
+                             "otelcol-queue (its default queue: replies before durability), phoenix (Arize Phoenix, "
+                             "OTLP into SQLite); a peer that is not installed is skipped with the reason "
+                             "(default: %(default)s)")
     parser.add_argument("--kafka-bootstrap", default=None, metavar="HOST:PORT",
                         help="use this Kafka cluster instead of starting a single-node broker with "
                              "tests/kafka_harness.py; a fresh topic is created on it and deleted afterwards")
@@ -562,8 +615,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.rounds < 1 or (args.profile and args.rounds != 1):
         build_parser().error("--rounds must be >= 1 (and 1 with --profile)")
+    if args.profile in peers.PEER_TARGETS:
+        build_parser().error("--profile takes one of trace-source's own targets: " + ", ".join(OWN_TARGETS))
     sys.path.insert(0, str(REPO))
     quiet_library_logs()
+    skipped: dict[str, str] = {}
+    for target in [t for t in targets if t in peers.PEER_TARGETS]:
+        ok, why = peers.available(target)
+        if not ok:
+            skipped[target] = why
+            say(f"[{target}] skipped: {why}")
+        elif why:
+            say(f"[{target}] {why}")
+    targets = [t for t in targets if t not in skipped]
     from bench.payloads import make_genai_request
 
     stamp = timestamp()
@@ -588,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         kafka = None
         phases = [(n, t) for n in range(1, args.rounds + 1) for t in targets]
         try:
-            if "kafka" in targets:  # one broker for every round; idle while other targets run
+            if set(targets) & set(KAFKA_TARGETS):  # one broker for every round; idle while other targets run
                 kafka = KafkaForBench(args)
                 kafka.start()
                 kafka_info = kafka.info
@@ -619,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = [summarize([r for r in results if r.target == t]) for t in targets]
     if not args.profile:
         _print_table(summary, args.rounds)
+    ratios = peer_ratios(results)
+    if ratios and not args.profile:
+        _print_ratios(ratios)
     doc = {
         "benchmark": "receiver", "started_at": datetime.fromtimestamp(started).isoformat(timespec="seconds"),
         "config": {"duration_s": args.duration, "warmup_s": args.warmup, "connections": args.connections,
@@ -631,9 +698,12 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": [{**r.__dict__, "title": TARGET_TITLES[r.target], "error_count": r.error_count}
                    for r in results],
         "profile": profile,
+        "peer_ratios": ratios,
+        "skipped_targets": skipped,
     }
     write_results(out_path, doc)
-    return 1 if any(r.error_count or r.ok_requests == 0 for r in results) else 0
+    # Peers are measured as they behave (a queue that fills answers 503): only trace-source's own targets fail the run.
+    return 1 if any(r.error_count or r.ok_requests == 0 for r in results if r.target in OWN_TARGETS) else 0
 
 
 if __name__ == "__main__":
