@@ -8,8 +8,9 @@ starting the harness a second time (:mod:`pipeline.harness`). That is what makes
 across worker crashes.
 
 Result file (JSON, written atomically): ``{"setup_exit": int | null, "exit_code": int | null,
-"error": str | null, "ended_at": unix s}``; ``exit_code`` is ``-N`` when the command died of signal ``N``, ``127`` when it could not be
-started (``error`` says why). stdin is whatever the worker gave (``/dev/null``); stdout/stderr are inherited.
+"error": str | null, "ended_at": unix s}``; ``exit_code`` is ``-N`` when the command died of signal ``N``, ``127``
+when it could not be started (``error`` says why). stdin is whatever the worker gave (``/dev/null``); stdout and
+stderr are inherited.
 """
 
 from __future__ import annotations

@@ -167,6 +167,9 @@ class LoopSettings(BaseSettings):
         "Kafka: longest time between polls before the consumer leaves its group (long reproductions need more)."))
     shutdown_grace_s: float = Field(30.0, ge=0, description=(
         "On SIGTERM, time given to work in progress before it is cancelled and its claim released."))
+    consumer_group: str | None = Field(None, description=(
+        "Consumer group id (default: the stage's own: trace-source-grader, -seeder, -reproducer, -fixer). A new "
+        "group re-reads the input topic from the start; the ledger makes that a replay of stored results."))
     group_instance_id: str | None = Field(None, description=(
         "Static group membership id (e.g. the pod name): a restarted worker gets its partitions back at once."))
     metrics_host: str = Field("0.0.0.0", description="Address of the worker's /metrics, /healthz, /readyz server.")
@@ -226,8 +229,8 @@ def config_version(*parts: object) -> str:
 #: Fields only a stage worker has (``serve`` runs the stages in-process on the embedded log, with its own
 #: metrics endpoint and no topics to create).
 WORKER_ONLY: frozenset[str] = frozenset({
-    "metrics_host", "metrics_port", "group_instance_id", "create_topics", "topic_partitions", "replication_factor",
-    "compression", "max_message_bytes", "max_poll_interval_s"})
+    "consumer_group", "metrics_host", "metrics_port", "group_instance_id", "create_topics", "topic_partitions",
+    "replication_factor", "compression", "max_message_bytes", "max_poll_interval_s"})
 
 #: Fields that concern one stage only: ``worker <stage> --help`` shows them for that stage alone.
 _REPRODUCING = ("reproduce", "fix")

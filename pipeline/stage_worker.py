@@ -86,13 +86,15 @@ def stage_consumer(settings: LoopSettings, stage: Stage) -> BusConsumer:
     if settings.kafka_bootstrap_servers:
         from pipeline.kafka_bus import KafkaConsumerBus
 
-        return KafkaConsumerBus(settings.kafka_bootstrap_servers, topic=stage.input_topic, group_id=stage.group_id,
+        return KafkaConsumerBus(settings.kafka_bootstrap_servers, topic=stage.input_topic,
+                                group_id=settings.consumer_group or stage.group_id,
                                 client_id=f"trace-source-{stage.name}",
                                 max_poll_interval_ms=int(settings.max_poll_interval_s * 1000),
                                 group_instance_id=settings.group_instance_id)
     from pipeline.local_bus import LocalLogConsumer
 
-    return LocalLogConsumer(settings.state_dir, topic=stage.input_topic, group_id=stage.group_id)
+    return LocalLogConsumer(settings.state_dir, topic=stage.input_topic,
+                            group_id=settings.consumer_group or stage.group_id)
 
 
 def build_runner(settings: LoopSettings, stage: Stage, stores: Stores, metrics: StageMetrics) -> StageRunner:

@@ -29,8 +29,8 @@ from pipeline.loop_settings import LoopSettings, config_version
 from pipeline.outputs import ClaimCheckError, resolve_envelope
 from pipeline.policy import allows, narrower
 from pipeline.stage import (
-    HEADER_TRIGGER, RESOURCE_ATTEMPT, RESOURCE_ATTEMPT_ID, RESOURCE_PARENT_RUN_ID, RESOURCE_REPRODUCTION_OF, RESOURCE_TRIGGER,
-    EventDraft, Identity, Outcome, PoisonInput, WorkItem, identify_record)
+    HEADER_TRIGGER, RESOURCE_ATTEMPT, RESOURCE_ATTEMPT_ID, RESOURCE_PARENT_RUN_ID, RESOURCE_REPRODUCTION_OF,
+    RESOURCE_TRIGGER, EventDraft, Identity, Outcome, PoisonInput, WorkItem, identify_record)
 
 log = structlog.get_logger(__name__)
 

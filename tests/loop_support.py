@@ -1,0 +1,73 @@
+"""Helpers for the loop's tests: envelopes of agent runs built the way the assembler builds them (canonical GenAI
+spans → agent-run view → envelope), and reading the journal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from normalizers.agent_run import build_agent_run
+from normalizers.canonical import CanonicalSpan, Scope, SpanEvent
+from normalizers.envelope import Completeness, Envelope, Source, envelope_idempotency_key
+from pipeline.journal import JournalEvent
+from pipeline.journal.jsonl import read_events
+
+T0 = 1_700_000_000_000_000_000
+RESOURCE = {"service.name": "loop-test-agent"}
+
+
+def _span(trace_id: str, n: int, parent: int | None, name: str, attrs: dict, *, status: str = "OK",
+          message: str = "", exception: tuple[str, str] | None = None) -> CanonicalSpan:
+    events = []
+    if exception:
+        events.append(SpanEvent(name="exception", time_unix_nano=T0 + 900 + n,
+                                attributes={"exception.type": exception[0], "exception.message": exception[1]}))
+    return CanonicalSpan(trace_id=trace_id, span_id=f"{n + 1:016x}", parent_span_id="" if parent is None
+                         else f"{parent + 1:016x}", name=name, kind="INTERNAL", start_time_unix_nano=T0 + n,
+                         end_time_unix_nano=T0 + 1000 + n, status_code=status, status_message=message,
+                         attributes=attrs, events=events, resource=RESOURCE, scope=Scope(name="loop-test"))
+
+
+def agent_envelope(i: int, *, tool_fails: bool) -> Envelope:
+    """An OTel GenAI agent run: ``invoke_agent`` root → ``execute_tool lookup_order``; with ``tool_fails`` the tool
+    raises and the run ends in ERROR (a task failure), else the tool answers and the run ends OK."""
+    trace_id = f"{0xA000 + i:032x}"
+    task = f"Where is order A-{1000 + i}?"
+    root_attrs = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "support",
+                  "gen_ai.input.messages": json.dumps([{"role": "user", "parts": [{"type": "text",
+                                                                                 "content": task}]}])}
+    tool_attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "lookup_order",
+                  "gen_ai.tool.call.id": f"call_{i}", "gen_ai.tool.call.arguments": json.dumps({"order_id": f"A-{i}"})}
+    if tool_fails:
+        tool = _span(trace_id, 1, 0, "execute_tool lookup_order", tool_attrs, status="ERROR",
+                     message="order database unreachable", exception=("ConnectionError", "order database unreachable"))
+        root = _span(trace_id, 0, None, "invoke_agent support", root_attrs, status="ERROR",
+                     message="tool lookup_order failed", exception=("ConnectionError", "order database unreachable"))
+    else:
+        tool_attrs["gen_ai.tool.call.result"] = json.dumps({"order_id": f"A-{i}", "status": "shipped"})
+        tool = _span(trace_id, 1, 0, "execute_tool lookup_order", tool_attrs)
+        root_attrs["gen_ai.output.messages"] = json.dumps([{"role": "assistant", "finish_reason": "stop", "parts": [
+            {"type": "text", "content": f"Order A-{i} has shipped."}]}])
+        root = _span(trace_id, 0, None, "invoke_agent support", root_attrs)
+    spans = [root, tool]
+    return Envelope(idempotency_key=envelope_idempotency_key(trace_id, spans), trace_id=trace_id,
+                    source=Source(id="loop-test", kind="otlp-http"), received_at_unix_nano=T0,
+                    assembled_at_unix_nano=T0 + 5000,
+                    completeness=Completeness(root_seen=True, closed_reason="root-ended-and-quiet"),
+                    resource=RESOURCE, spans=spans, agent_run=build_agent_run(spans, []))
+
+
+def failing_envelope(i: int) -> Envelope:
+    return agent_envelope(i, tool_fails=True)
+
+
+def passing_envelope(i: int) -> Envelope:
+    return agent_envelope(i, tool_fails=False)
+
+
+def journal(state_dir: Path) -> list[JournalEvent]:
+    return read_events(Path(state_dir) / "runs.jsonl")
+
+
+def phase_events(state_dir: Path, phase: str, trace_id: str | None = None) -> list[JournalEvent]:
+    return [e for e in journal(state_dir) if e.phase == phase and (trace_id is None or e.trace_id == trace_id)]
