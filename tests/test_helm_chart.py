@@ -783,7 +783,7 @@ def test_chart_sets_every_chart_managed_assembler_setting(helm):
 
 # LoopSettings fields the chart sets on every stage worker from dedicated values (loop.*, kafka.*, the stage's
 # metrics address and shutdown grace, the artifacts mount, the scratch volume).
-LOOP_CHART_SET = {"kafka_bootstrap_servers", "state_dir", "artifact_dir", "execution_policy",
+LOOP_CHART_SET = {"consumer_group", "kafka_bootstrap_servers", "state_dir", "artifact_dir", "execution_policy",
                   "allow_external_execution", "repo", "traces_topic", "grades_topic", "seeds_topic",
                   "reproductions_topic", "fixes_topic", "dlq_topic", "shutdown_grace_s", "metrics_host",
                   "metrics_port"}
@@ -986,18 +986,24 @@ def test_stage_hpa_and_keda_are_mutually_exclusive(helm, monkeypatch):
         group, input_field = product_stage(stage)
         settings = loop_settings_from_env(stage_container(objects, stage), monkeypatch)
         assert trigger["type"] == "kafka"
-        assert trigger["metadata"]["consumerGroup"] == group
+        # The chart's default group is the product's own, and the one the trigger measures is the one pods join.
+        assert trigger["metadata"]["consumerGroup"] == settings.consumer_group == group
         assert trigger["metadata"]["topic"] == getattr(settings, input_field)
+        assert trigger["metadata"]["topic"] == {"grade": "acme.traces", "reproduce": "acme.seeds"}.get(
+            stage, getattr(LoopSettings.model_fields[input_field], "default"))
         assert trigger["metadata"]["bootstrapServers"] == settings.kafka_bootstrap_servers
         assert trigger["metadata"]["offsetResetPolicy"] == "earliest"  # the workers' auto_offset_reset
         import jsonschema
 
         jsonschema.validate(so, SCALED_OBJECT_SCHEMA)
     assert trigger["metadata"]["topic"] == "trace-source.reproductions"  # fix reads the reproductions
+    # Another group (e.g. a second release on the same cluster): the pods and the trigger follow it.
     objects = template(helm, *enable_stage("reproduce"), "stages.reproduce.keda.enabled=true",
-                       "loop.topics.seeds=acme.seeds")
-    assert named(objects, "ScaledObject", STAGE_OBJECTS["reproduce"])["spec"]["triggers"][0]["metadata"][
-        "topic"] == "acme.seeds"
+                       "stages.reproduce.groupId=acme-reproducer")
+    (trigger,) = named(objects, "ScaledObject", STAGE_OBJECTS["reproduce"])["spec"]["triggers"]
+    settings = loop_settings_from_env(stage_container(objects, "reproduce"), monkeypatch)
+    assert trigger["metadata"]["consumerGroup"] == settings.consumer_group == "acme-reproducer"
+    assert env_of(stage_container(objects, "grade"))["TRACE_SOURCE_CONSUMER_GROUP"] == "trace-source-grader"
 
 
 def test_stage_settings_become_env_vars(helm, monkeypatch, tmp_path):
@@ -1057,7 +1063,8 @@ def test_stage_schema_rejects_unknown_chart_managed_and_other_stages_keys(helm):
                 "stages.seed.settings.grades_topic=x", "stages.grade.settings.in_process_stages=false",
                 "stages.reproduce.settings.attempts=0", "stages.reproduce.settings.work_dir=relative",
                 "stages.fix.settings.forge=bitbucket", "stages.grade.settings.no_such_setting=1",
-                "stages.grade.unknown=1", "stages.grade.groupId=x", "stages.assemble.enabled=true",
+                "stages.grade.unknown=1", "stages.grade.groupId=", "stages.grade.groupId=a group",
+                "stages.grade.settings.consumer_group=x", "stages.assemble.enabled=true",
                 "stages.grade.replicaCount=two", "stages.grade.keda.lagThreshold=0", "stages.grade.keda.unknown=1",
                 "stages.grade.keda.extraTriggerMetadata.consumerGroup=x", "stages.fix.image.digest=latest",
                 "stages.fix.image.unknown=x", "stages.grade.podDisruptionBudget.unknown=1", "loop.unknown=1",

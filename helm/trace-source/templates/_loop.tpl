@@ -10,14 +10,14 @@ read from TRACE_SOURCE_<NAME> environment variables (`trace-source worker <stage
 {{- end }}
 
 {{/*
-What the product fixes per stage (pipeline/stages/*.py): the component name of its objects, its consumer group, the
-phase the execution policy must reach, and its input topic's key in "trace-source.loopTopics".
+Per stage (pipeline/stages/*.py): the component name of its objects, the phase the execution policy must reach, and
+its input topic's key in "trace-source.loopTopics".
 */}}
 {{- define "trace-source.stageDefinitions" -}}
-grade: {component: grader, groupId: trace-source-grader, phase: 1, input: traces}
-seed: {component: seeder, groupId: trace-source-seeder, phase: 2, input: grades}
-reproduce: {component: reproducer, groupId: trace-source-reproducer, phase: 3, input: seeds}
-fix: {component: fixer, groupId: trace-source-fixer, phase: 4, input: reproductions}
+grade: {component: grader, phase: 1, input: traces}
+seed: {component: seeder, phase: 2, input: grades}
+reproduce: {component: reproducer, phase: 3, input: seeds}
+fix: {component: fixer, phase: 4, input: reproductions}
 {{- end }}
 
 {{/* How far each execution policy goes, in the phase numbers above (pipeline/policy.py). */}}
@@ -58,7 +58,7 @@ component: {{ $def.component }}
 name: {{ include "trace-source.componentName" (dict "root" .root "component" $def.component) }}
 path: stages.{{ .stage }}
 kind: Deployment
-groupId: {{ $def.groupId }}
+groupId: {{ (index .root.Values.stages .stage).groupId | quote }}
 topic: {{ (index $topics $def.input).topic | quote }}
 {{- end }}
 
@@ -140,6 +140,8 @@ settings (the stage's win); secrets by reference only. Call with (dict "root" $ 
 - name: TRACE_SOURCE_{{ upper $t.setting }}
   value: {{ $t.topic | quote }}
 {{- end }}
+- name: TRACE_SOURCE_CONSUMER_GROUP
+  value: {{ $s.groupId | quote }}
 - name: TRACE_SOURCE_METRICS_HOST
   value: {{ $s.listenHost | quote }}
 - name: TRACE_SOURCE_METRICS_PORT
