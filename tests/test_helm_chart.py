@@ -990,7 +990,7 @@ def test_stage_hpa_and_keda_are_mutually_exclusive(helm, monkeypatch):
         assert trigger["metadata"]["consumerGroup"] == settings.consumer_group == group
         assert trigger["metadata"]["topic"] == getattr(settings, input_field)
         assert trigger["metadata"]["topic"] == {"grade": "acme.traces", "reproduce": "acme.seeds"}.get(
-            stage, getattr(LoopSettings.model_fields[input_field], "default"))
+            stage, LoopSettings.model_fields[input_field].default)
         assert trigger["metadata"]["bootstrapServers"] == settings.kafka_bootstrap_servers
         assert trigger["metadata"]["offsetResetPolicy"] == "earliest"  # the workers' auto_offset_reset
         import jsonschema

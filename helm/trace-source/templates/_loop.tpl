@@ -64,8 +64,9 @@ topic: {{ (index $topics $def.input).topic | quote }}
 
 {{/*
 Rendering fails, with what to set, when an enabled stage could not run: the Postgres ledger/journal Secret, an
-execution policy that never reaches the stage (the worker refuses to start), the repository the later stages work
-on, an image override without a tag, a shutdown grace the kubelet would cut short, HPA and KEDA together.
+execution policy that never reaches the stage (the worker refuses to start), the repository and the shared artifact
+store the later stages work with, an image override without a tag, a shutdown grace the kubelet would cut short,
+HPA and KEDA together.
 Call with (dict "root" $ "stage" "grade").
 */}}
 {{- define "trace-source.validateStage" -}}
