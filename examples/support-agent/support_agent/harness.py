@@ -13,10 +13,10 @@ Environment:
   the data file lacks are added to the store first, so the run starts from the recorded state;
 * the OpenTelemetry variables of :mod:`support_agent.telemetry` (``OTEL_EXPORTER_OTLP_ENDPOINT``, ...).
 
-Output (stdout, one JSON object): ``{"task", "answer", "tool_calls": [{"name", "arguments", "result", "error"}],
-"trace_id", "model"}``. Exit 0 when the agent answered (whether or not the customer was helped: judging that is the
-grader's job), 1 when the run raised (e.g. the model endpoint failed), 2 without ``AGENT_TASK``. Spans are flushed
-before exit in every case.
+Output (stdout, one JSON object): ``{"task", "answer", "tool_calls": [{"name", "call_id", "arguments", "result",
+"error"}], "trace_id", "model"}``. Exit 0 when the agent answered (whether or not the customer was helped: judging
+that is the grader's job), 1 when the run raised (e.g. the model endpoint failed), 2 without ``AGENT_TASK``. Spans
+are flushed before exit in every case.
 """
 
 from __future__ import annotations
