@@ -185,13 +185,13 @@ def test_the_harness_runs_exactly_the_planned_attempts_across_a_kill_9_and_a_rep
     marker = tmp_path / "harness-runs"
     env = worker_env(fake, marker)
     # A short lease: the restarted serve (another lease owner) takes the killed one's claim over once it expires.
-    serve = ServeProcess(state, *serve_args(repo, "--lease-s", "6"), env=env).start()
+    serve = ServeProcess(state, *serve_args(repo, "--lease-s", "6", "--trace-wait-s", "30"), env=env).start()
     try:
         failing = production_run(repo, fake, serve.http_url, FAILING_TASK)
         wait_for(lambda: len(runs_of(marker)) >= 2, "the second attempt to start", timeout_s=300)
     finally:
         serve.kill()  # kill -9 during an attempt; the attempt's process group lives on
-    with ServeProcess(state, *serve_args(repo, "--lease-s", "6"), env=env) as serve:
+    with ServeProcess(state, *serve_args(repo, "--lease-s", "6", "--trace-wait-s", "30"), env=env) as serve:
         wait_for(lambda: reproduced(state, failing["trace_id"]), "the reproduction after the restart", timeout_s=300)
         # Redeliver the seeds topic into a fresh consumer group: done keys are re-published, never re-run.
         replay = CliProcess(tmp_path / "replay.log", [
