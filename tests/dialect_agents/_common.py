@@ -180,6 +180,14 @@ class Harness:
         info["spans"] = [{"trace_id": t, "span_id": s, "name": n} for t, s, n in ended]
         self.scenarios[name] = info
 
+    def run_all(self, scenarios: dict[str, Callable[[], Any]]) -> None:
+        """Run each scenario (name -> function returning the agent's answer; a raise is recorded as the run's error),
+        then :meth:`finish`."""
+        for name, run in scenarios.items():
+            with self.scenario(name, expect_error=True) as info:
+                info["output"] = run()
+        self.finish()
+
     def finish(self) -> None:
         """Flush and shut down every provider, then print the JSON report on stdout."""
         self.tracer_provider.force_flush(30_000)
