@@ -2,9 +2,11 @@
 
 Real agents with real instrumentation packages and real OTLP exporters (``tests/dialect_agents/corpus_*.py``) run
 the labeled scenarios against the scriptable fake model (``tests/fake_llm.py``) and export into one
-``trace-source serve`` (embedded default, ``--execution-policy grade``). Each run's envelope is graded with the
-rules (:func:`pipeline.grading.rules.grade_envelope`) and every verdict and category is asserted. The test prints
-the corpus table and the precision and recall of ``failed``.
+``trace-source serve`` (embedded default, ``--execution-policy grade``, rules only). ``serve`` assembles each run and
+its grade stage writes ``<state_dir>/grades/<trace_id>/grade.json``; every verdict and category of those grade
+documents is asserted, and each must be byte-identical to :func:`pipeline.grading.rules.grade_envelope` of the
+assembled envelope (``<state_dir>/traces/<trace_id>.json``). The test prints the corpus table and the precision and
+recall of ``failed``.
 
 Instrumentations: ``otel-genai`` (``opentelemetry-instrumentation-openai-v2`` + ``opentelemetry-util-genai`` agent
 and tool spans, semconv latest mode) and ``pydantic-ai`` (Pydantic AI's own agent loop and instrumentation).
@@ -24,9 +26,11 @@ import pytest
 
 from agent_process import AgentOutput, run_agent_script
 from fake_llm import FakeLLM
+from loop_support import phase_events
 from normalizers.envelope import Envelope
 from pipeline.grading.model import Grade
 from pipeline.grading.rules import grade_envelope
+from pipeline.journal import JournalEvent
 from serve_proc import ServeProcess
 
 AGENTS_DIR = Path(__file__).resolve().parent / "dialect_agents"
@@ -67,12 +71,13 @@ CORPUS = [
 class Graded:
     label: Label
     envelope: Envelope
-    grade: Grade
+    grade: Grade  # the grade stage's own document
+    journal: list[JournalEvent]  # the trace's grade events in runs.jsonl
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Graded]:
-    """Run every corpus agent once, wait for each scenario's envelope, grade it."""
+    """Run every corpus agent once; wait for each scenario's envelope and the grade stage's grade of it."""
     state = tmp_path_factory.mktemp("corpus") / "state"
     env = {"TRACE_SOURCE_ASSEMBLER_QUIET_PERIOD_S": str(QUIET_PERIOD_S),
            "TRACE_SOURCE_ASSEMBLER_MAX_WAIT_S": str(MAX_WAIT_S)}
@@ -84,7 +89,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Graded]:
         graded = []
         for label in CORPUS:
             envelope = landed_envelope(serve, reports[label.instrumentation], label)
-            graded.append(Graded(label, envelope, grade_envelope(envelope)))
+            graded.append(Graded(label, envelope, *stage_grade(serve, envelope)))
     print_table(graded)
     return graded
 
@@ -107,6 +112,27 @@ def landed_envelope(serve: ServeProcess, report: AgentOutput, label: Label) -> E
             pass
         if time.monotonic() > deadline:
             pytest.fail(f"{label}: trace {trace_id} did not land in {LANDING_TIMEOUT_S}s\n{serve.log_tail()}")
+        time.sleep(0.2)
+
+
+def stage_grade(serve: ServeProcess, envelope: Envelope) -> tuple[Grade, list[JournalEvent]]:
+    """The grade stage's ``grades/<trace_id>/grade.json`` for this envelope version (its key) — checked to be what
+    the rules give for the envelope, byte for byte — and the trace's grade events in the journal, once the one for
+    this key is there (the stage writes the file before the runner journals it)."""
+    path = serve.state_dir / "grades" / envelope.trace_id / "grade.json"
+    deadline = time.monotonic() + LANDING_TIMEOUT_S
+    while True:
+        try:
+            grade = Grade.model_validate_json(path.read_bytes())
+            events = phase_events(serve.state_dir, "grade", envelope.trace_id)
+            if grade.envelope_key == envelope.idempotency_key and any(
+                    e.envelope_key == grade.envelope_key for e in events):
+                assert grade.to_json_bytes() == grade_envelope(envelope).to_json_bytes()
+                return grade, events
+        except (FileNotFoundError, ValueError):  # not written yet, or caught mid-write
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"no grade for {envelope.trace_id} in {LANDING_TIMEOUT_S}s\n{serve.log_tail()}")
         time.sleep(0.2)
 
 
@@ -150,6 +176,10 @@ def test_verdict_and_category(label: Label, corpus: list[Graded]) -> None:
     else:
         assert grade.signature is None and not grade.reproduce
     assert grade.summary and grade.task and "weather in Paris" in grade.task, _describe(g)
+    # The journal holds one grade event for this envelope, with the verdict.
+    [event] = g.journal
+    assert (event.envelope_key, event.status, event.details["category"]) == (
+        grade.envelope_key, grade.verdict, grade.category)
 
 
 def test_recovered_runs_saw_a_real_tool_failure(corpus: list[Graded]) -> None:
