@@ -1,16 +1,22 @@
 """Helpers for the loop's tests: envelopes of agent runs built the way the assembler builds them (canonical GenAI
-spans → agent-run view → envelope), and reading the journal."""
+spans → agent-run view → envelope), reading the journal, and waiting for what a running ``serve`` writes."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import pytest
 
 from normalizers.agent_run import build_agent_run
 from normalizers.canonical import CanonicalSpan, Scope, SpanEvent
 from normalizers.envelope import Completeness, Envelope, Source, envelope_idempotency_key
 from pipeline.journal import JournalEvent
 from pipeline.journal.jsonl import read_events
+
+_T = TypeVar("_T")
 
 T0 = 1_700_000_000_000_000_000
 RESOURCE = {"service.name": "loop-test-agent"}
@@ -111,3 +117,30 @@ def emit_runs(otlp_url: str, failing: list[bool], *, service: str = "loop-test-a
                                                                                      "content": "It shipped."}]}]))
     provider.shutdown()
     return ids
+
+
+def poll(read: Callable[[], _T | None], what: str, serve: Any, timeout_s: float = 60.0) -> _T:
+    """``read()`` every 0.2 s until it returns something other than ``None`` (a missing or half-written file —
+    ``FileNotFoundError`` / ``ValueError`` — counts as not yet); fails the test after ``timeout_s`` with ``serve``'s
+    log tail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if (found := read()) is not None:
+                return found
+        except (FileNotFoundError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not there after {timeout_s:g}s\nserve log:\n{serve.log_tail()}")
+        time.sleep(0.2)
+
+
+def wait_envelope(serve: Any, trace_id: str, ready: Callable[[Envelope], bool], timeout_s: float = 60.0) -> Envelope:
+    """The assembled ``<state_dir>/traces/<trace_id>.json`` of a running ``serve`` once ``ready(envelope)``."""
+    path = serve.state_dir / "traces" / f"{trace_id}.json"
+
+    def read() -> Envelope | None:
+        env = Envelope.from_json_bytes(path.read_bytes())
+        return env if ready(env) else None
+
+    return poll(read, f"envelope of trace {trace_id}", serve, timeout_s)

@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from normalizers.envelope import Envelope
 from pipeline.contract import Contract, load_contract
 from pipeline.reproduction import BASE_ENV, harness_env
 from pipeline.seeding import build_seed
+from loop_support import wait_envelope
 from serve_proc import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,18 +94,7 @@ def original_run(contract: Contract, fake: Any, serve: Any, task: str, **extra: 
 
 def landed(serve: Any, trace_id: str) -> Envelope:
     """The assembled envelope of ``trace_id`` once the assembler wrote it with the run's root span."""
-    path = serve.state_dir / "traces" / f"{trace_id}.json"
-    deadline = time.monotonic() + LANDING_TIMEOUT_S
-    while True:
-        try:
-            env = Envelope.from_json_bytes(path.read_bytes())
-            if env.completeness.root_seen:
-                return env
-        except (FileNotFoundError, ValueError):  # not written yet, or caught mid-write
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"no envelope for trace {trace_id} in {LANDING_TIMEOUT_S}s\nserve log:\n{serve.log_tail()}")
-        time.sleep(0.2)
+    return wait_envelope(serve, trace_id, lambda env: env.completeness.root_seen, LANDING_TIMEOUT_S)
 
 
 def span(env: Envelope, name: str) -> Any:
