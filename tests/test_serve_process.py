@@ -17,7 +17,7 @@ PB = {"Content-Type": "application/x-protobuf"}
 
 def _landed_span_ids(state_dir: Path) -> list[bytes]:
     with LocalLogReader(state_dir / "spans.db") as reader:
-        return [sp.span_id for rec in reader.read(0, 1_000_000)
+        return [sp.span_id for rec in reader.read(0, 1_000_000, topic="trace-source.spans")
                 for rs in TracesData.FromString(rec.value).resource_spans for ss in rs.scope_spans for sp in ss.spans]
 
 
