@@ -406,7 +406,7 @@ async def send_all(url: str, bodies: list[bytes], connections: int) -> dict[str,
 async def run_receiver_phase(args, broker: Broker, workload: Workload, topic: str, timeline: Timeline,
                              work_dir: Path, stamp: str) -> ReceiverResult:
     cmd = [str(TRACE_SOURCE), "serve", "--port", "0", "--grpc-port", "0", "--state-dir", str(work_dir / "serve"),
-           "--kafka-bootstrap-servers", broker.bootstrap, "--kafka-topic", topic]
+           "--kafka-bootstrap-servers", broker.bootstrap, "--kafka-topic", topic, "--workers", "1"]
     server = ServerProcess("trace-source serve", cmd, work_dir / "serve.log")
     await asyncio.to_thread(server.start)
     timeline.watch(server.pid)
@@ -481,6 +481,16 @@ class WorkerProc(LoggedProcess):
         self.emitted_at: list[float] = []
         self.peak_open_traces = 0.0
         self.peak_buffered_mb = 0.0
+        self.threads_at_start: tuple[float, float] | None = None  # thread_cpu_s at the first assignment
+        self.threads_at_end: tuple[float, float] | None = None
+
+    def thread_split(self) -> dict[str, float] | None:
+        """CPU seconds between the first assignment and the end: the main thread (event loop: Kafka consume and
+        produce, decoding, buffers, publishing, logging) and all other threads (envelope building)."""
+        if self.threads_at_start is None or self.threads_at_end is None:
+            return None
+        return {"event_loop_thread": round(self.threads_at_end[0] - self.threads_at_start[0], 2),
+                "other_threads": round(self.threads_at_end[1] - self.threads_at_start[1], 2)}
 
     def read_log(self) -> None:
         with open(self.log_path, "rb") as f:
@@ -547,6 +557,18 @@ class WorkerProc(LoggedProcess):
 
     def log_tail(self, lines: int = 15) -> str:
         return super().log_tail(lines)
+
+
+def thread_cpu_s(pid: int) -> tuple[float, float] | None:
+    """(main thread, all other threads) cumulative CPU seconds of process ``pid``."""
+    import psutil
+
+    try:
+        threads = psutil.Process(pid).threads()
+    except psutil.Error:
+        return None
+    main = sum(t.user_time + t.system_time for t in threads if t.id == pid)
+    return main, sum(t.user_time + t.system_time for t in threads if t.id != pid)
 
 
 def _ts(event: dict) -> float:
@@ -772,6 +794,9 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
             if pstats and not profiling_window and workers[0].assigned:
                 profiling.send(workers[0], True)  # the window opens at the first assignment (within ~0.25 s)
                 profiling_window = True
+            for w in workers:
+                if w.assigned and w.threads_at_start is None:
+                    w.threads_at_start = thread_cpu_s(w.pid)
             dead = [w for w in workers if w.exited() is not None]
             if dead and not watcher.complete.is_set():
                 for w in dead:
@@ -796,6 +821,8 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
                 say(f"{label} {time.time() - t_launch:5.1f} s: {done:,}/{expected_n:,} envelopes{rate}; "
                     f"partitions: {'; '.join(f'w{w.index} {w.partitions()}' for w in workers)}")
         timeline.sample()
+        for w in workers:
+            w.threads_at_end = thread_cpu_s(w.pid)
         if profiling_window:
             profiling.send(workers[0], False)
         if watcher.complete.is_set():
@@ -859,7 +886,7 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
             "peak_open_traces": int(w.peak_open_traces), "peak_buffered_mb": round(w.peak_buffered_mb, 1),
             **w.bursts(t0),
             "build_s": None if "envelope_build_seconds_sum" not in m else round(m["envelope_build_seconds_sum"], 2),
-            "peak_rss_mb": timeline.peak_rss_mb(w.pid), "exit_code": code,
+            "peak_rss_mb": timeline.peak_rss_mb(w.pid), "exit_code": code, "thread_cpu_s": w.thread_split(),
             "log_problems": dict(w.problems), "metrics": m})
         if code not in (0, None):
             res.errors.append(f"worker {w.index} exit code {code}:\n{w.log_tail()}")
@@ -902,7 +929,8 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
     for pw in res.per_worker:
         say(f"{label}   worker {pw['worker']}: partitions {pw['partitions']}, {pw['envelopes']:,} envelopes, "
             f"{pw['spans']:,} spans, last at {pw['last_envelope_at_s']} s, {fmt(pw['cpu_cores'])} cores "
-            f"({pw['cpu_s']} CPU-s; {pw['build_s']} s wall in build_envelope), peak RSS {pw['peak_rss_mb']} MB; "
+            f"({pw['cpu_s']} CPU-s: {fmt_threads(pw['thread_cpu_s'])}; {pw['build_s']} s wall in build_envelope), "
+            f"peak RSS {pw['peak_rss_mb']} MB; "
             f"up to {pw['peak_open_traces']:,} open traces ({pw['peak_buffered_mb']} MB OTLP), longest pause between "
             f"envelopes {pw.get('longest_pause_s')} s, up to {pw.get('max_envelopes_in_1s')} envelopes in 1 s, "
             f"{int(pw['metrics'].get('publish_errors_total', 0) or 0):,} publish retries")
@@ -916,6 +944,12 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
 
 
 # ================================================================================================ report
+
+
+def fmt_threads(split: dict[str, float] | None) -> str:
+    if not split:
+        return "thread split unknown"
+    return f"event loop {split['event_loop_thread']}, envelope building {split['other_threads']}"
 
 
 def summarize(phases: list[PhaseResult], worker_counts: list[int]) -> list[dict[str, Any]]:

@@ -50,12 +50,13 @@ from bench.common import (
 )
 from bench import peers, profiling
 
-OWN_TARGETS = ("reference", "kafka", "local")
+OWN_TARGETS = ("reference", "kafka", "kafka-workers", "local")
 TARGETS = (*OWN_TARGETS, *peers.PEER_TARGETS)
-KAFKA_TARGETS = ("kafka", "otelcol-sync", "otelcol-queue")
+KAFKA_TARGETS = ("kafka", "kafka-workers", "otelcol-sync", "otelcol-queue")
 TARGET_TITLES = {
     "reference": "reference (parse only)",
     "kafka": "trace-source -> Kafka",
+    "kafka-workers": "trace-source -> Kafka, N workers",  # N from --serve-workers (set in main)
     "local": "trace-source -> local log",
     **peers.PEER_TITLES,
 }
@@ -198,13 +199,24 @@ def _readline(stream, timeout_s: float) -> str:
 # ================================================================================================ sampling
 
 
-class Sampler:
-    """Samples the server's RSS every ``interval_s`` (peak kept) from start to stop, in a thread."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (``serve --workers``: the supervisor and its workers)."""
+    import psutil
 
-    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return [pid]
+
+
+class Sampler:
+    """Samples the server's RSS (summed over its processes) every ``interval_s`` (peak kept) from start to stop, in
+    a thread."""
+
+    def __init__(self, pids: list[int], interval_s: float = 0.1) -> None:
         import psutil
 
-        self.proc = psutil.Process(pid)
+        self.procs = [psutil.Process(pid) for pid in pids]
         self.interval_s = interval_s
         self.peak_rss = 0
         self._stop = threading.Event()
@@ -215,7 +227,7 @@ class Sampler:
 
         while not self._stop.is_set():
             try:
-                self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in self.procs))
             except psutil.Error:
                 return
             self._stop.wait(self.interval_s)
@@ -311,8 +323,9 @@ def run_load(server: ServerProcess, args: argparse.Namespace, payloads_path: Pat
                           args.duration, work_dir, args.payloads)
     try:
         gens.wait_ready()
-        cpu = CpuWindow({"server": [server.pid], "generator": gens.pids(), **extra_cpu_groups})
-        with Sampler(server.pid) as sampler:
+        server_pids = process_tree(server.pid)
+        cpu = CpuWindow({"server": server_pids, "generator": gens.pids(), **extra_cpu_groups})
+        with Sampler(server_pids) as sampler:
             t_go = time.perf_counter()
             gens.go()
             time.sleep(max(0.0, t_go + args.warmup - time.perf_counter()))
@@ -413,9 +426,10 @@ def run_target(target: str, args: argparse.Namespace, payloads_path: Path, work_
         server = peers.phoenix_process(work_dir, round_no)
     elif target == "reference":
         cmd = _reference_cmd(args, pstats)
-    elif target == "kafka":
+    elif target in ("kafka", "kafka-workers"):
         assert kafka is not None
-        extra = ["--kafka-bootstrap-servers", kafka.bootstrap, "--kafka-topic", kafka.topic]
+        extra = ["--kafka-bootstrap-servers", kafka.bootstrap, "--kafka-topic", kafka.topic,
+                 "--workers", str(args.serve_workers if target == "kafka-workers" else 1)]
         if args.compression:
             extra += ["--kafka-compression", args.compression]
         cmd = _serve_cmd(args, work_dir / f"state-kafka-{round_no}", extra, pstats)
@@ -509,7 +523,7 @@ def peer_ratios(results: list[TargetResult]) -> list[dict[str, Any]]:
     """trace-source (each own target that writes somewhere durable) divided by each peer, per round, and the
     median over rounds: spans/s, spans per server CPU-s, and p99 latency (below 1 = trace-source is faster)."""
     out = []
-    for own in ("kafka", "local"):
+    for own in ("kafka", "kafka-workers", "local"):
         for peer in peers.PEER_TARGETS:
             per_round = []
             for r in results:
@@ -567,11 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="different precomputed request bodies, sent round robin (default: %(default)s)")
     parser.add_argument("--targets", default=",".join(TARGETS),
                         help="comma-separated subset of: reference (parse-only ceiling), kafka (trace-source into "
-                             "Kafka), local (trace-source into the embedded log), and the peers otelcol-sync (the "
+                             "Kafka, one process), kafka-workers (serve --workers --serve-workers), local (trace-source into the embedded log), and the peers otelcol-sync (the "
                              "OpenTelemetry Collector into Kafka, sending queue off: replies after the Kafka ack), "
                              "otelcol-queue (its default queue: replies before durability), phoenix (Arize Phoenix, "
                              "OTLP into SQLite); a peer that is not installed is skipped with the reason "
                              "(default: %(default)s)")
+    parser.add_argument("--serve-workers", type=int, default=2,
+                        help="worker processes of the kafka-workers target (serve --workers N, SO_REUSEPORT); the "
+                             "kafka target runs one (default: %(default)s)")
     parser.add_argument("--kafka-bootstrap", default=None, metavar="HOST:PORT",
                         help="use this Kafka cluster instead of starting a single-node broker with "
                              "tests/kafka_harness.py; a fresh topic is created on it and deleted afterwards")
@@ -615,8 +632,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.rounds < 1 or (args.profile and args.rounds != 1):
         build_parser().error("--rounds must be >= 1 (and 1 with --profile)")
-    if args.profile in peers.PEER_TARGETS:
-        build_parser().error("--profile takes one of trace-source's own targets: " + ", ".join(OWN_TARGETS))
+    if args.profile in (*peers.PEER_TARGETS, "kafka-workers"):
+        build_parser().error("--profile takes reference, kafka or local (one process)")
+    if args.serve_workers < 2:
+        build_parser().error("--serve-workers must be >= 2 (the kafka target is the one-process figure)")
+    TARGET_TITLES["kafka-workers"] = f"trace-source -> Kafka, {args.serve_workers} wkr"
     sys.path.insert(0, str(REPO))
     quiet_library_logs()
     skipped: dict[str, str] = {}

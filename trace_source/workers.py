@@ -22,6 +22,8 @@ the in-process assembler must be the only one consuming it. ``--workers`` above 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import math
 import multiprocessing
 import os
@@ -86,11 +88,22 @@ def _reserve(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when the supervisor dies (even by SIGKILL), so no worker outlives it holding the
+    port; it then shuts down gracefully like on any SIGTERM."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker_main(settings: ServeSettings, index: int, ready) -> None:
     """One worker process (spawned): the ordinary ``serve`` on the reserved ports, sharing them."""
     from trace_source.logging import configure
     from trace_source.serve import run
 
+    _die_with_parent()
     configure(settings.log_level, settings.log_format)
     asyncio.run(run(settings, worker=index, on_ready=lambda: ready.put(index)))
 
