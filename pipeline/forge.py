@@ -316,20 +316,58 @@ class _RestForge:
 
     _not_found_hint = "No such repository, branch or pull request: check the names."
 
-    async def _pages(self, path: str, params: dict[str, Any], size_param: str, size: int,
-                     what: str) -> list[Any]:
-        """Every item of a paginated list: pages 1, 2, … (``page`` + ``size_param``) while the answer's ``Link``
-        header has a ``rel="next"`` and the page was not empty. The next page is asked for by number (not by the
-        Link URL, which a Gitea behind a proxy may build from another host)."""
+    async def _pages(self, path: str, params: dict[str, Any], what: str, key: str | None = None) -> list[Any]:
+        """Every item of a paginated list (the answer itself, or its member ``key``): pages 1, 2, … while the
+        answer's ``Link`` header has a ``rel="next"`` and the page was not empty. The next page is asked for by
+        number (not by the Link URL, which a Gitea behind a proxy may build from another host)."""
+        size_param, size = self._page
         items: list[Any] = []
         for page in range(1, MAX_PAGES + 1):
             data, resp = await self._call("GET", path, params={**params, size_param: size, "page": page}, what=what)
-            if not isinstance(data, list):
-                raise ForgeError("other", f"{what}: expected a JSON list, got {type(data).__name__}")
-            items.extend(data)
-            if not data or "next" not in resp.links:
+            batch = (data or {}).get(key) if key and isinstance(data, dict) else data
+            if not isinstance(batch, list):
+                raise ForgeError("other", f"{what}: expected a JSON list, got {type(batch).__name__}")
+            items.extend(batch)
+            if not batch or "next" not in resp.links:
                 break
         return items
+
+    #: (page size parameter, page size) of this API's lists.
+    _page: tuple[str, int] = ("per_page", 100)
+
+    def _pull(self, data: dict[str, Any]) -> PullRequest:
+        raise NotImplementedError
+
+    def _draft_request(self, *, head: str, base: str, title: str, body: str) -> dict[str, Any]:
+        """The JSON body that opens ``head`` → ``base`` as a draft."""
+        raise NotImplementedError
+
+    async def create_draft_pull(self, repo: str, *, head: str, base: str, title: str, body: str) -> PullRequest:
+        data, _ = await self._call("POST", self._repo_path(repo, "/pulls"),
+                                   json=self._draft_request(head=head, base=base, title=title, body=body),
+                                   what=f"create a draft pull request from {head} into {base} in {repo}")
+        return self._pull(data)
+
+    async def get_pull(self, repo: str, number: int) -> PullRequest:
+        data, _ = await self._call("GET", self._repo_path(repo, f"/pulls/{int(number)}"),
+                                   what=f"read pull request #{number} of {repo}")
+        return self._pull(data)
+
+    async def pull_files(self, repo: str, number: int) -> list[str]:
+        files = await self._pages(self._repo_path(repo, f"/pulls/{int(number)}/files"), {},
+                                  f"list the files of pull request #{number} of {repo}")
+        return [f["filename"] for f in files]
+
+    async def _combined_status(self, repo: str, sha: str) -> str | None:
+        """The combined commit status of ``sha``: ``failure`` (``failure``, ``error``), ``pending``, ``success``
+        (also Gitea's ``warning`` and ``skipped``); None when the commit has no status — both forges answer
+        ``pending`` then, and ``total_count`` 0 tells."""
+        data, _ = await self._call("GET", self._repo_path(repo, f"/commits/{quote(sha, safe='')}/status"),
+                                   params=dict([self._page]), what=f"read the commit status of {sha[:12]}")
+        if not data or not data.get("total_count"):
+            return None
+        state = data.get("state") or "pending"
+        return {"error": "failure", "warning": "success", "skipped": "success"}.get(state, state)
 
     async def default_branch(self, repo: str) -> str:
         data, _ = await self._call("GET", self._repo_path(repo), what=f"read repository {repo}")
@@ -396,21 +434,8 @@ class GitHubForge(_RestForge):
         pulls = [self._pull(p) for p in data or [] if p.get("head", {}).get("ref") == head_branch]
         return max(pulls, key=lambda p: p.number, default=None)
 
-    async def create_draft_pull(self, repo: str, *, head: str, base: str, title: str, body: str) -> PullRequest:
-        data, _ = await self._call("POST", self._repo_path(repo, "/pulls"),
-                                   json={"title": title, "head": head, "base": base, "body": body, "draft": True},
-                                   what=f"create a draft pull request from {head} into {base} in {repo}")
-        return self._pull(data)
-
-    async def get_pull(self, repo: str, number: int) -> PullRequest:
-        data, _ = await self._call("GET", self._repo_path(repo, f"/pulls/{int(number)}"),
-                                   what=f"read pull request #{number} of {repo}")
-        return self._pull(data)
-
-    async def pull_files(self, repo: str, number: int) -> list[str]:
-        files = await self._pages(self._repo_path(repo, f"/pulls/{int(number)}/files"), {}, "per_page", 100,
-                                  f"list the files of pull request #{number} of {repo}")
-        return [f["filename"] for f in files]
+    def _draft_request(self, *, head: str, base: str, title: str, body: str) -> dict[str, Any]:
+        return {"title": title, "head": head, "base": base, "body": body, "draft": True}
 
     async def check_status(self, repo: str, sha: str) -> str | None:
         """Check runs (GitHub Actions and other apps) and commit statuses together: ``failure`` when any failed
@@ -420,7 +445,8 @@ class GitHubForge(_RestForge):
         read check runs (403) leaves only the statuses."""
         states: list[str] = []
         try:
-            runs = await self._check_runs(repo, sha)
+            runs = await self._pages(self._repo_path(repo, f"/commits/{quote(sha, safe='')}/check-runs"), {},
+                                     f"list the check runs of {sha[:12]}", key="check_runs")
         except ForgeError as exc:
             if exc.kind != "permission":
                 raise
@@ -433,23 +459,9 @@ class GitHubForge(_RestForge):
                 states.append("failure")
             else:
                 states.append("success")
-        combined, _ = await self._call("GET", self._repo_path(repo, f"/commits/{quote(sha, safe='')}/status"),
-                                       params={"per_page": 100}, what=f"read the commit status of {sha[:12]}")
-        if combined and combined.get("total_count"):
-            states.append({"error": "failure"}.get(combined.get("state"), combined.get("state") or "pending"))
+        if (combined := await self._combined_status(repo, sha)) is not None:
+            states.append(combined)
         return _combine(states)
-
-    async def _check_runs(self, repo: str, sha: str) -> list[dict[str, Any]]:
-        path = self._repo_path(repo, f"/commits/{quote(sha, safe='')}/check-runs")
-        runs: list[dict[str, Any]] = []
-        for page in range(1, MAX_PAGES + 1):
-            data, resp = await self._call("GET", path, params={"per_page": 100, "page": page},
-                                          what=f"list the check runs of {sha[:12]}")
-            batch = (data or {}).get("check_runs") or []
-            runs.extend(batch)
-            if not batch or "next" not in resp.links:
-                break
-        return runs
 
 
 class GiteaForge(_RestForge):
@@ -458,7 +470,7 @@ class GiteaForge(_RestForge):
     kind = "gitea"
     _auth_scheme = "token"
     #: Page size asked for; Gitea caps it at ``[api] MAX_RESPONSE_ITEMS`` (default 50).
-    page_size = 50
+    _page = ("limit", 50)
 
     def __init__(self, api_url: str, token: str | None, *, wip_prefixes: tuple[str, ...] = GITEA_WIP_PREFIXES,
                  timeout_s: float = REQUEST_TIMEOUT_S) -> None:
@@ -476,40 +488,22 @@ class GiteaForge(_RestForge):
                            draft=bool(draft), state=_pull_state(data))
 
     async def find_pull(self, repo: str, head_branch: str) -> PullRequest | None:
-        pulls = await self._pages(self._repo_path(repo, "/pulls"), {"state": "all"}, "limit", self.page_size,
+        pulls = await self._pages(self._repo_path(repo, "/pulls"), {"state": "all"},
                                   f"look up the pull request from {head_branch} in {repo}")
         mine = [p for p in pulls if p.get("head", {}).get("ref") == head_branch
                 # The branch of this repository, not a fork's branch of the same name.
                 and p["head"].get("repo_id") == p.get("base", {}).get("repo_id")]
         return max((self._pull(p) for p in mine), key=lambda p: p.number, default=None)
 
-    async def create_draft_pull(self, repo: str, *, head: str, base: str, title: str, body: str) -> PullRequest:
-        if not self.is_wip(title):
-            title = f"{self.wip_prefixes[0]} {title}"
-        data, _ = await self._call("POST", self._repo_path(repo, "/pulls"),
-                                   json={"title": title, "head": head, "base": base, "body": body},
-                                   what=f"create a draft pull request from {head} into {base} in {repo}")
-        return self._pull(data)
-
-    async def get_pull(self, repo: str, number: int) -> PullRequest:
-        data, _ = await self._call("GET", self._repo_path(repo, f"/pulls/{int(number)}"),
-                                   what=f"read pull request #{number} of {repo}")
-        return self._pull(data)
-
-    async def pull_files(self, repo: str, number: int) -> list[str]:
-        files = await self._pages(self._repo_path(repo, f"/pulls/{int(number)}/files"), {}, "limit",
-                                  self.page_size, f"list the files of pull request #{number} of {repo}")
-        return [f["filename"] for f in files]
+    def _draft_request(self, *, head: str, base: str, title: str, body: str) -> dict[str, Any]:
+        # No draft flag on create: the work-in-progress title prefix makes it one.
+        return {"title": title if self.is_wip(title) else f"{self.wip_prefixes[0]} {title}", "head": head,
+                "base": base, "body": body}
 
     async def check_status(self, repo: str, sha: str) -> str | None:
-        """The combined commit status: ``failure`` (``failure``, ``error``), ``pending``, ``success``
-        (``success``, ``warning``, ``skipped``), None when the commit has no status."""
-        data, _ = await self._call("GET", self._repo_path(repo, f"/commits/{quote(sha, safe='')}/status"),
-                                   params={"limit": self.page_size}, what=f"read the commit status of {sha[:12]}")
-        if not data or not data.get("total_count"):
-            return None
-        state = data.get("state") or "pending"
-        return {"error": "failure", "warning": "success", "skipped": "success"}.get(state, state)
+        """The combined commit status (Gitea Actions report through it too); see
+        :meth:`_RestForge._combined_status`."""
+        return await self._combined_status(repo, sha)
 
 
 def _combine(states: list[str]) -> str | None:

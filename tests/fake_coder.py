@@ -29,8 +29,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from local_http import LocalHTTPServer, QuietHandler
 
 #: (prompt_tokens, completion_tokens) every answer reports.
 USAGE = (1200, 80)
@@ -52,42 +53,22 @@ def edit_blocks(edits: dict[str, tuple[str, str]]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-class FakeCoder:
+class FakeCoder(LocalHTTPServer):
     """The fake model server; see the module docstring. ``base_url`` is the OpenAI API base (``…/v1``)."""
+
+    thread_name = "fake-coder"
 
     def __init__(self, edits: dict[str, tuple[str, str]]) -> None:
         self.edits = dict(edits)
         self.requests: list[dict[str, Any]] = []
-        self._server: ThreadingHTTPServer | None = None
         self._lock = threading.Lock()
+
+    def _handler_class(self) -> type[_Handler]:
+        return _Handler
 
     @property
     def base_url(self) -> str:
-        assert self._server is not None, "not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def start(self) -> "FakeCoder":
-        fake = self
-
-        class Handler(_Handler):
-            coder = fake
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="fake-coder", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "FakeCoder":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return f"http://127.0.0.1:{self.port}/v1"
 
     def answer(self, body: dict[str, Any]) -> str:
         """The text answer to a chat request: the edits for a conversation's first turn, else :data:`DONE_TEXT`."""
@@ -113,36 +94,25 @@ def _text(message: dict[str, Any]) -> str:
     return content or ""
 
 
-class _Handler(BaseHTTPRequestHandler):
-    coder: FakeCoder
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet server
-        pass
-
-    def _json(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+class _Handler(QuietHandler):
+    fake: FakeCoder
 
     def do_GET(self) -> None:  # noqa: N802 - model listing some clients ask for
         if self.path.rstrip("/").endswith("/models"):
-            self._json(200, {"object": "list", "data": [{"id": "fake-coder", "object": "model"}]})
+            self.send_json(200, {"object": "list", "data": [{"id": "fake-coder", "object": "model"}]})
         else:
-            self._json(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
+            self.send_json(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
         if not self.path.rstrip("/").endswith("/chat/completions"):
-            self._json(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
+            self.send_json(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
             return
-        text = self.coder.answer(body)
+        text = self.fake.answer(body)
         model, created, cid = body.get("model", "fake-coder"), int(time.time()), f"chatcmpl-{time.time_ns()}"
         usage = {"prompt_tokens": USAGE[0], "completion_tokens": USAGE[1], "total_tokens": sum(USAGE)}
         if not body.get("stream"):
-            self._json(200, {"id": cid, "object": "chat.completion", "created": created, "model": model,
+            self.send_json(200, {"id": cid, "object": "chat.completion", "created": created, "model": model,
                              "choices": [{"index": 0, "finish_reason": "stop",
                                           "message": {"role": "assistant", "content": text}}],
                              "usage": usage})

@@ -41,10 +41,11 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
+
+from local_http import LocalHTTPServer, QuietHandler
 
 DOCS = "https://docs.github.com/rest"
 
@@ -99,8 +100,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class FakeGitHub:
+class FakeGitHub(LocalHTTPServer):
     """The fake API server; see the module docstring. Use as a context manager or :meth:`start` / :meth:`stop`."""
+
+    thread_name = "fake-github"
 
     def __init__(self) -> None:
         self.requests: list[SeenRequest] = []
@@ -108,8 +111,6 @@ class FakeGitHub:
         self._tokens: dict[str, Access] = {}
         self._fail: list[_Fail] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- set-up ------------------------------------------------------------------------------------------------
 
@@ -139,38 +140,12 @@ class FakeGitHub:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "not started"
-        return self._server.server_address[1]
+    def _handler_class(self) -> type[_Handler]:
+        return _Handler
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "FakeGitHub":
-        fake = self
-
-        class Handler(_Handler):
-            server_fake = fake
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-github", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "FakeGitHub":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- the API -----------------------------------------------------------------------------------------------
 
@@ -403,12 +378,9 @@ class FakeGitHub:
         return 200, items[(page - 1) * per_page: page * per_page], headers
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_fake: FakeGitHub
+class _Handler(QuietHandler):
+    fake: FakeGitHub
     protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet server
-        pass
 
     def _serve(self) -> None:
         split = urlsplit(self.path)
@@ -420,20 +392,13 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload, headers = 400, {"message": "Problems parsing JSON", "documentation_url": DOCS}, {}
             body = raw.decode("utf-8", "replace")
         else:
-            status, payload, headers = self.server_fake.handle(
+            status, payload, headers = self.fake.handle(
                 self.command, split.path.rstrip("/") or "/", parse_qs(split.query), body,
                 self.headers.get("Authorization"))
-        self.server_fake.requests.append(SeenRequest(self.command, split.path, parse_qs(split.query), body, status,
+        self.fake.requests.append(SeenRequest(self.command, split.path, parse_qs(split.query), body, status,
                                                      bool(self.headers.get("Authorization"))))
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-GitHub-Api-Version-Selected", "2022-11-28")
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_json(status, payload, {"X-GitHub-Api-Version-Selected": "2022-11-28", **headers},
+                       "application/json; charset=utf-8")
 
     do_GET = _serve  # noqa: N815
     do_POST = _serve  # noqa: N815

@@ -323,7 +323,28 @@ ROOT_PATH = {w}/log
                               text=True, timeout=120, stdin=subprocess.DEVNULL)
         if check and proc.returncode != 0:
             raise GiteaError(f"git push {' '.join(refspecs)} to {repo} failed: {proc.stderr.strip()}")
+        if proc.returncode == 0:
+            for refspec in refspecs:
+                src, _, dst = refspec.lstrip("+").partition(":")
+                if dst.startswith("refs/heads/"):
+                    sha = subprocess.run(["git", "rev-parse", src], cwd=checkout, capture_output=True, text=True,
+                                         check=True).stdout.strip()
+                    self.wait_until_pushed(repo, dst.removeprefix("refs/heads/"), sha)
         return proc
+
+    def wait_until_pushed(self, repo: str, branch: str, sha: str, timeout_s: float = 30.0) -> None:
+        """Wait until Gitea has taken in a push of ``sha`` to ``branch``: it processes pushes in a queue after
+        ``git push`` returns (a first push leaves the repository "empty" — no pull requests — until then)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status, branch_info = self.api("GET", f"/repos/{repo}/branches/{branch}")
+            _, info = self.api("GET", f"/repos/{repo}")
+            if status == 200 and branch_info["commit"]["id"] == sha and not (info or {}).get("empty", True):
+                return
+            if time.monotonic() > deadline:
+                raise GiteaError(f"Gitea did not take in the push of {sha[:12]} to {repo} {branch} within "
+                                 f"{timeout_s:.0f} s: {branch_info}")
+            time.sleep(0.1)
 
     def protect_branch(self, repo: str, branch: str) -> None:
         """A branch protection rule for ``branch`` that lets nobody push."""

@@ -13,7 +13,7 @@ import asyncio
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,7 @@ class Case:
     remote: str  # what git pushes to
     push_env: dict[str, str]
     web_url: str
+    after_push: Callable[[str, str], None] = lambda branch, sha: None
 
     def commit_branch(self, branch: str, files: dict[str, str], *, base: str = "main") -> str:
         """A commit on ``branch`` (from ``base``) writing ``files``, pushed (forced); returns its sha."""
@@ -58,7 +59,9 @@ class Case:
         git(self.checkout, "commit", "--quiet", "-m", f"change {', '.join(files)[:60]}")
         git(self.checkout, "push", "--quiet", "--force", self.remote, f"{branch}:refs/heads/{branch}",
             env=self.push_env)
-        return git(self.checkout, "rev-parse", "HEAD")
+        sha = git(self.checkout, "rev-parse", "HEAD")
+        self.after_push(branch, sha)
+        return sha
 
 
 def _init_checkout(path: Path) -> Path:
@@ -78,8 +81,9 @@ async def gitea_case(gitea: GiteaServer, tmp_path: Path) -> AsyncIterator[Case]:
     checkout = _init_checkout(tmp_path / "checkout")
     await asyncio.to_thread(gitea.push, checkout, repo, "main:refs/heads/main")
     forge = make_forge("gitea", gitea.api_url, gitea.token)
-    yield Case("gitea", forge, repo, checkout, gitea.clone_url(repo), git_auth_env(gitea.clone_url(repo),
-                                                                                  gitea.token), gitea.base_url)
+    url = gitea.clone_url(repo)
+    yield Case("gitea", forge, repo, checkout, url, git_auth_env(url, gitea.token), gitea.base_url,
+               after_push=lambda branch, sha: gitea.wait_until_pushed(repo, branch, sha))
     await forge.close()
 
 
@@ -268,7 +272,7 @@ async def test_gitea_pages_through_files_and_pulls(gitea: GiteaServer, gitea_cas
         gitea_case.commit_branch(f"other-{i}", {f"o{i}.py": "o\n"})
         await gitea_case.forge.create_draft_pull(gitea_case.repo, head=f"other-{i}", base="main", title="o", body="")
     one_per_page = GiteaForge(gitea.api_url, gitea.token)
-    one_per_page.page_size = 1  # the list has no head filter: the lookup reads every page
+    one_per_page._page = ("limit", 1)  # the list has no head filter: the lookup reads every page
     try:
         assert (await one_per_page.find_pull(gitea_case.repo, BRANCH)).number == pull.number
     finally:
