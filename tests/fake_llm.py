@@ -83,7 +83,8 @@ class SeenRequest:
     stream: bool
     body: dict[str, Any]
     status: int
-    kind: str = ""  # "tool_call", "final", "error", "bad-request"
+    kind: str = ""  # "tool_call", "final", "error", "bad-request", "judge"
+    authorization: str | None = None  # the Authorization header sent
 
 
 @dataclass
@@ -298,7 +299,7 @@ class _Handler(QuietHandler):
 
     def _judge(self, path: str, model: str, body: dict[str, Any]) -> None:
         status, content = judge_reply(body)
-        self.fake._record(SeenRequest(path, model, False, body, status, "judge"))
+        self.fake._record(SeenRequest(path, model, False, body, status, "judge", self.headers.get("Authorization")))
         if status != 200:
             self._send_json(status, json.loads(content or "{}"))
             return

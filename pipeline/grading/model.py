@@ -33,7 +33,8 @@ class Evidence(BaseModel):
     ``kind``: ``status`` (span status / message), ``exception`` (an ``exception`` event), ``attribute`` (an
     attribute, named in ``name``), ``tool_result`` (what a tool returned), ``output`` (the run's final output),
     ``finish_reason`` (an LLM call's), ``criterion`` (a success criterion of the repository's scenario), ``judge``
-    (the LLM judge's own evidence). ``quote`` is at most 500 characters (cut with ``…``).
+    (the LLM judge's own evidence), ``log_event`` (a log record, e.g. Claude Code's ``api_retries_exhausted``).
+    ``span_id`` is ``""`` for a fact of the whole trace. ``quote`` is at most 500 characters (cut with ``…``).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -45,6 +45,12 @@ def _decoded(value: Any) -> Any:
     return value
 
 
+def _words(pattern: re.Pattern[str], text: str | None) -> str | None:
+    """The first match of ``pattern`` in ``text``, or ``None`` (also for no text)."""
+    m = pattern.search(text) if text else None
+    return m.group(0) if m else None
+
+
 # -- tool results --------------------------------------------------------------------------------------------------
 
 # Keys a structured tool result uses to say it failed. A boolean flag set to False, an error status, or a non-empty
@@ -118,10 +124,7 @@ _PROVIDER = re.compile(
 
 def provider_failure(text: str | None) -> str | None:
     """The words of ``text`` (an LLM call's error type and message) that mark an LLM provider failure."""
-    if not text:
-        return None
-    m = _PROVIDER.search(text)
-    return m.group(0) if m else None
+    return _words(_PROVIDER, text)
 
 
 # Turn / step / request limits of agent frameworks: OpenAI Agents "Max turns (N) exceeded" (MaxTurnsExceeded),
@@ -139,10 +142,7 @@ _LIMIT = re.compile(
 
 def limit_hit(text: str | None) -> str | None:
     """The words of ``text`` (an error, or the final output) that say a turn/step/iteration limit stopped the run."""
-    if not text:
-        return None
-    m = _LIMIT.search(text)
-    return m.group(0) if m else None
+    return _words(_LIMIT, text)
 
 
 # -- answers -------------------------------------------------------------------------------------------------------
@@ -171,10 +171,7 @@ TRUNCATED_FINISH_REASONS = frozenset({"length", "max_tokens", "max_output_tokens
 
 def refusal(text: str | None) -> str | None:
     """The words of an answer that refuse or give up on the task, or ``None``."""
-    if not text:
-        return None
-    m = _REFUSAL.search(text)
-    return m.group(0) if m else None
+    return _words(_REFUSAL, text)
 
 
 # Words an answer uses when it reports a failure honestly ("the weather service failed", "I couldn't reach ...").
@@ -185,7 +182,4 @@ _ADMITS_FAILURE = re.compile(
 
 def admits_failure(text: str | None) -> str | None:
     """The words of an answer that report a failure to the user (so it does not claim success), or ``None``."""
-    if not text:
-        return None
-    m = _ADMITS_FAILURE.search(text)
-    return m.group(0) if m else None
+    return _words(_ADMITS_FAILURE, text)

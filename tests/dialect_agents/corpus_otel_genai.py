@@ -12,7 +12,8 @@ The fake model's behaviour per scenario comes from the model name (``tests/fake_
 * ``false_success``: the tool returns ``{"ok": false, ...}``, the model answers as if it had worked;
 * ``loop``: the model calls the tool again and again; the agent stops at ``MAX_TURNS`` without an answer;
 * ``refusal``: the model refuses;
-* ``provider_error``: the model answers HTTP 500.
+* ``provider_error``: the model answers HTTP 500;
+* ``crashed_mid_run``: the agent's own span never ends (the process stops mid-run), so its trace has no root.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import os
 import secrets
 
-from _common import ERROR_MODEL, LLM_BASE_URL, MODEL, TASK, WEATHER_TOOL, Harness, get_weather
+from _common import ERROR_MODEL, LLM_BASE_URL, MODEL, TASK, Harness, get_weather, tool_loop
 from _genai_agent import agent_span
 from corpus_tools import TIMED_OUT, FlakyWeather, failing_result_weather, raising_weather
 
@@ -31,6 +32,7 @@ h = Harness("corpus-otel-genai")
 
 import openai  # noqa: E402
 from opentelemetry import context as otel_context  # noqa: E402
+from opentelemetry import trace  # noqa: E402
 from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor  # noqa: E402
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator  # noqa: E402
 from opentelemetry.util.genai.handler import get_telemetry_handler  # noqa: E402
@@ -42,39 +44,38 @@ client = openai.OpenAI(base_url=LLM_BASE_URL, api_key="sk-fake", max_retries=0)
 MAX_TURNS = 4
 
 
-def run_tool(call, tool, catch: bool) -> str:
-    """One tool call inside an ``execute_tool`` span; ``catch``: a raising tool's error goes back to the model as
-    the tool's result (the span still records the exception), instead of escaping."""
-    try:
-        with handler.tool(call.function.name, tool_call_id=call.id, tool_type="function") as span:
-            args = json.loads(call.function.arguments)
-            span.arguments = args
-            result = tool(**args)
-            span.tool_result = result
-            return result
-    except Exception as exc:
-        if not catch:
-            raise
-        return f"error: {type(exc).__name__}: {exc}"
+def traced_tool(call: dict, tool) -> str:
+    """One tool call inside an ``execute_tool`` span (a raising tool marks it ERROR and re-raises)."""
+    with handler.tool(call["function"]["name"], tool_call_id=call["id"], tool_type="function") as span:
+        args = json.loads(call["function"]["arguments"])
+        span.arguments = args
+        span.tool_result = tool(**args)
+        return span.tool_result
 
 
 def run_agent(model: str, tool=get_weather, *, offer_tools: bool = True, catch: bool = False) -> str:
-    """The agent: at most ``MAX_TURNS`` model calls; returns the answer, or ``""`` when the turns ran out."""
+    """The agent (``_common.tool_loop``, at most ``MAX_TURNS`` model calls) inside its ``invoke_agent`` span."""
     with agent_span(handler, model) as agent:
         agent.input_messages = [InputMessage(role="user", parts=[Text(content=TASK)])]
-        messages: list[dict] = [{"role": "user", "content": TASK}]
-        for _ in range(MAX_TURNS):
-            extra = {"tools": [WEATHER_TOOL]} if offer_tools else {}
-            reply = client.chat.completions.create(model=model, messages=messages, **extra).choices[0].message
-            messages.append(reply.model_dump(exclude_none=True))
-            if not reply.tool_calls:
-                answer = reply.content or ""
-                agent.output_messages = [OutputMessage(role="assistant", parts=[Text(content=answer)],
-                                                       finish_reason="stop")]
-                return answer
-            for call in reply.tool_calls:
-                messages.append({"role": "tool", "tool_call_id": call.id, "content": run_tool(call, tool, catch)})
-        return ""
+        answer = tool_loop(client, model, TASK, tool, offer_tools=offer_tools, max_turns=MAX_TURNS, catch=catch,
+                           run_tool=traced_tool)
+        if answer:
+            agent.output_messages = [OutputMessage(role="assistant", parts=[Text(content=answer)],
+                                                   finish_reason="stop")]
+        return answer
+
+
+def crashed_mid_run() -> str:
+    """The agent's process stops mid-run: its own ``invoke_agent`` span never ends, so it is never exported, while
+    its model and tool spans are — a trace without its root."""
+    root = h.tracer_provider.get_tracer("weather-agent").start_span(
+        "invoke_agent weather-agent", attributes={"gen_ai.operation.name": "invoke_agent",
+                                                  "gen_ai.agent.name": "weather-agent"})
+    token = otel_context.attach(trace.set_span_in_context(root))
+    try:
+        return tool_loop(client, MODEL, TASK, get_weather, run_tool=traced_tool)
+    finally:
+        otel_context.detach(token)  # and no root.end(): the crash
 
 
 def in_remote_context(fn):
@@ -92,6 +93,7 @@ SCENARIOS = {
     "success": lambda: run_agent(MODEL),
     "success_no_tools": lambda: run_agent(MODEL, offer_tools=False),
     "local_root": lambda: in_remote_context(lambda: run_agent(MODEL)),
+    "crashed_mid_run": crashed_mid_run,
     "tool_raised": lambda: run_agent(MODEL, raising_weather),
     "recovered": lambda: run_agent(f"{MODEL}+retry", FlakyWeather(TimeoutError(TIMED_OUT)), catch=True),
     "false_success": lambda: run_agent(MODEL, failing_result_weather),
@@ -100,7 +102,4 @@ SCENARIOS = {
     "provider_error": lambda: run_agent(ERROR_MODEL),
 }
 
-for name, scenario in SCENARIOS.items():
-    with h.scenario(name, expect_error=True) as info:
-        info["output"] = scenario()
-h.finish()
+h.run_all(SCENARIOS)

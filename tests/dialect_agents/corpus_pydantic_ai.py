@@ -56,7 +56,4 @@ SCENARIOS = {
     "provider_error": lambda: run(ERROR_MODEL),
 }
 
-for name, scenario in SCENARIOS.items():
-    with h.scenario(name, expect_error=True) as info:
-        info["output"] = scenario()
-h.finish()
+h.run_all(SCENARIOS)
