@@ -1176,10 +1176,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "its first partition assignment to the last envelope: its event loop and the threads that "
                         "build envelopes; prints the top functions and writes "
                         "bench/results/profile-assembler-<timestamp>.pstats (python -m pstats)")
-    e.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
-                   help="what --profile measures: 'cpu' = each profiled thread's CPU time (robust on a busy machine), "
-                        "'wall' = wall-clock time (default: %(default)s)")
-    e.add_argument("--top", type=int, default=30, help="functions listed by --profile (default: %(default)s)")
+    profiling.add_arguments(e, top=30)
     m = parser.add_argument_group("micro mode")
     m.add_argument("--requests", type=int, default=8, help="export requests to split and assemble "
                                                           "(default: %(default)s)")

@@ -28,6 +28,14 @@ from bench.common import REPO, say
 PROJECT_PACKAGES = ("receiver", "sinks", "trace_source", "pipeline", "normalizers")
 
 
+def add_arguments(parser, top: int) -> None:
+    """``--profile-clock`` and ``--top`` (the bench adds its own ``--profile``)."""
+    parser.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
+                        help="what --profile measures: 'cpu' = each profiled thread's CPU time (robust on a busy "
+                             "machine), 'wall' = wall-clock time (shows waiting too) (default: %(default)s)")
+    parser.add_argument("--top", type=int, default=top, help="functions listed by --profile (default: %(default)s)")
+
+
 def command(pstats: Path, clock: str, module: str, *args: str) -> list[str]:
     """The command line running ``python -m module args...`` under this profiler."""
     return [sys.executable, "-m", "bench.profiling", str(pstats), clock, module, *args]

@@ -604,10 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of the comparison, run only TARGET (kafka, local or reference) with its "
                              "server under cProfile during the measured window; writes a .pstats file next to the "
                              "JSON results and prints the top functions")
-    parser.add_argument("--profile-clock", choices=("cpu", "wall"), default="cpu",
-                        help="what --profile measures: 'cpu' = the event-loop thread's CPU time (robust on a busy "
-                             "machine), 'wall' = wall-clock time (shows waiting too) (default: %(default)s)")
-    parser.add_argument("--top", type=int, default=25, help="functions listed by --profile (default: %(default)s)")
+    profiling.add_arguments(parser, top=25)
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON results file (default: bench/results/receiver-<timestamp>.json, "
                              "or profile-<target>-<timestamp>.json with --profile)")

@@ -3,19 +3,17 @@ one /metrics view, graceful shutdown of all; the embedded log stays one process.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 
 import grpc
 import psutil
 import requests
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 
 from bench.payloads import make_genai_request
+from tests.assembler_support import read_topic_sync
 from tests.serve_proc import ServeProcess
 from trace_source.settings import ServeSettings
 from trace_source.workers import available_cpus, worker_count
@@ -27,24 +25,9 @@ def _span_ids(req) -> set[bytes]:
     return {sp.span_id for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans}
 
 
-async def _topic_span_ids(bootstrap: str, topic: str) -> set[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        out: set[bytes] = set()
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            for msgs in (await consumer.getmany(timeout_ms=1000)).values():
-                for m in msgs:
-                    data = TracesData.FromString(m.value)
-                    out |= {sp.span_id for rs in data.resource_spans for ss in rs.scope_spans for sp in ss.spans}
-        return out
-    finally:
-        await consumer.stop()
+def _topic_span_ids(bootstrap: str, topic: str) -> set[bytes]:
+    return {sp.span_id for m in read_topic_sync(bootstrap, topic)
+            for rs in TracesData.FromString(m.value).resource_spans for ss in rs.scope_spans for sp in ss.spans}
 
 
 def _metric(text: str, name: str, labels: str) -> float:
@@ -83,7 +66,7 @@ def test_two_workers_share_the_ports_and_every_acknowledged_span_is_on_kafka(tmp
         assert serve.stop() == 0  # SIGTERM: both workers drain and exit, then the supervisor
     for pid in ready["pids"]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert asyncio.run(_topic_span_ids(kafka_bootstrap, topic)) == sent
+    assert _topic_span_ids(kafka_bootstrap, topic) == sent
     assert [e["exit_codes"] for e in serve.events() if e.get("event") == "stopped" and "workers" in e] == [[0, 0]]
 
 
