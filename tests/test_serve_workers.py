@@ -3,7 +3,11 @@ one /metrics view, graceful shutdown of all; the embedded log stays one process.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import subprocess
 import uuid
 
 import grpc
@@ -14,7 +18,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 
 from bench.payloads import make_genai_request
 from tests.assembler_support import read_topic_sync
-from tests.serve_proc import ServeProcess
+from tests.serve_proc import _BIN, ServeProcess
 from trace_source.settings import ServeSettings
 from trace_source.workers import available_cpus, worker_count
 
@@ -85,3 +89,21 @@ def test_default_worker_count_is_the_cpus_available_with_kafka_and_one_without()
     assert worker_count(ServeSettings(kafka_bootstrap_servers="k:9092")) == available_cpus()
     assert worker_count(ServeSettings(kafka_bootstrap_servers="k:9092", workers=3)) == 3
     assert worker_count(ServeSettings()) == 1
+
+
+def test_a_worker_that_cannot_start_stops_serve_with_an_error(tmp_path):
+    with socket.socket() as s:  # a port where no broker listens
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{s.getsockname()[1]}"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.run([str(_BIN), "serve", "--port", "0", "--grpc-port", "0", "--workers", "2",
+                               "--kafka-bootstrap-servers", nowhere, "--state-dir", str(tmp_path / "state")],
+                              stdout=out, stderr=out, timeout=120,
+                              env={k: v for k, v in os.environ.items() if not k.startswith("TRACE_SOURCE_")})
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert proc.returncode == 1
+    failed = {e.get("worker") for e in events if e.get("event") == "worker cannot start"}
+    assert failed and failed <= {0, 1}
+    assert any(e.get("event") == "worker start failed" for e in events)
+    assert not any(e.get("event") == "serving" for e in events)

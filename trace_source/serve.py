@@ -142,10 +142,11 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
     refresh = asyncio.create_task(metrics.refresh_forever()) if metrics.multiprocess else None
     # One machine-readable line tests and scripts wait for; humans read the same fields. Under --workers the
     # supervisor writes it once every worker is up.
-    log.info("serving" if worker is None else "worker serving", worker=worker, http=f"http://{settings.host}:{http_port}", grpc=(
-        f"{settings.host}:{grpc_port}" if grpc_port else None), sink=sink.describe(), auth=auth.enabled,
-        http_port=http_port, grpc_port=grpc_port, stages=stages.names if stages is not None else [],
-        policy=loop_settings.execution_policy if loop_settings is not None else None)
+    log.info("serving" if worker is None else "worker serving", worker=worker,
+             http=f"http://{settings.host}:{http_port}", grpc=f"{settings.host}:{grpc_port}" if grpc_port else None,
+             sink=sink.describe(), auth=auth.enabled, http_port=http_port, grpc_port=grpc_port,
+             stages=stages.names if stages is not None else [],
+             policy=loop_settings.execution_policy if loop_settings is not None else None)
     if on_ready is not None:
         on_ready()
     try:

@@ -104,8 +104,16 @@ def _worker_main(settings: ServeSettings, index: int, ready) -> None:
     from trace_source.serve import run
 
     _die_with_parent()
+    from aiokafka.errors import KafkaError
+
+    from sinks.base import SinkUnavailable
+
     configure(settings.log_level, settings.log_format)
-    asyncio.run(run(settings, worker=index, on_ready=lambda: ready.put(index)))
+    try:
+        asyncio.run(run(settings, worker=index, on_ready=lambda: ready.put(index)))
+    except (OSError, SinkUnavailable, KafkaError) as exc:  # start-up failures, as `serve` reports them
+        log.error("worker cannot start", worker=index, error=str(exc))
+        raise SystemExit(1) from None
 
 
 def supervise(settings: ServeSettings, n: int) -> int:
