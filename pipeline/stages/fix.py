@@ -22,7 +22,6 @@ pull request, pushes a second branch or spends a second budget.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
@@ -33,6 +32,7 @@ import structlog
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.bus import BusRecord
+from pipeline.forge import git_auth_env
 from pipeline.fixing import (FixAttempt, commit_message, fix_prompt, pr_body, pr_title, status_document)
 from pipeline.grading.model import FailureSignature
 from pipeline.harness import run_once
@@ -58,16 +58,6 @@ class PublishBlocked(Exception):
     def __init__(self, reason: str, how: str) -> None:
         super().__init__(reason)
         self.how = how
-
-
-def git_auth_env(url: str, token: str | None) -> dict[str, str]:
-    """Environment that makes git send ``token`` to an HTTP(S) ``url`` (``http.extraHeader`` through
-    ``GIT_CONFIG_*`` variables, so the token is on no command line ``ps`` shows)."""
-    if not token or not url.startswith(("http://", "https://")):
-        return {}
-    basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
-    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader",
-            "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}"}
 
 
 class FixStage:
