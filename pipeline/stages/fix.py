@@ -414,6 +414,8 @@ class FixStage:
             problems.append(f"its head is {pull.head_sha[:12]}, not the proven commit {str(attempt.commit)[:12]}")
         if sorted(attempt.files) != files:
             problems.append(f"it changes {files}, the fix changed {sorted(attempt.files)}")
+        if not pull.draft:  # e.g. a Gitea whose work-in-progress prefixes are not "WIP:"
+            problems.append("the forge does not report it as a draft")
         return {"number": pull.number, "url": pull.url, "head": pull.head_ref, "head_sha": pull.head_sha,
                 "base": pull.base_ref, "draft": pull.draft, "state": pull.state, "files": files, "checks": checks,
                 "forge": forge.kind, "verified": not problems, "problems": problems}
