@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JS_DIR := tests/interop/js
 
-.PHONY: serve test bench bench-assembler clean-venv
+.PHONY: serve test bench bench-assembler bench-grade clean-venv
 
 # Virtualenv with the package (editable) and its test extras; re-installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -49,6 +49,9 @@ bench: $(VENV)/.installed
 
 bench-assembler: $(VENV)/.installed
 	$(PY) -m bench.assembler_bench $(BENCH_ARGS)
+
+bench-grade: $(VENV)/.installed
+	$(PY) -m bench.grade_bench $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
