@@ -32,6 +32,7 @@ import structlog
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.bus import BusRecord
+from pipeline.forge import git_auth_env
 from pipeline.fixing import (FixAttempt, commit_message, fix_prompt, pr_body, pr_title, status_document)
 from pipeline.grading.model import FailureSignature
 from pipeline.harness import run_once
@@ -416,6 +417,8 @@ class FixStage:
             problems.append(f"its head is {pull.head_sha[:12]}, not the proven commit {str(attempt.commit)[:12]}")
         if sorted(attempt.files) != files:
             problems.append(f"it changes {files}, the fix changed {sorted(attempt.files)}")
+        if not pull.draft:  # e.g. a Gitea whose work-in-progress prefixes are not "WIP:"
+            problems.append("the forge does not report it as a draft")
         return {"number": pull.number, "url": pull.url, "head": pull.head_ref, "head_sha": pull.head_sha,
                 "base": pull.base_ref, "draft": pull.draft, "state": pull.state, "files": files, "checks": checks,
                 "forge": forge.kind, "verified": not problems, "problems": problems}
