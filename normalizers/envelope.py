@@ -107,27 +107,14 @@ def repository_from(configured: str | None, resource: Mapping[str, Any]) -> str 
     if configured:
         return configured
     url = resource.get("vcs.repository.url.full")
-    if isinstance(url, str) and (path := _url_path(url.strip())) and _REPOSITORY_RE.match(path):
-        return path
+    if isinstance(url, str) and (m := _REPO_URL_RE.match(url.strip())):
+        path = m.group("path").strip("/")
+        if _REPOSITORY_RE.match(path):
+            return path
     owner, name = resource.get("vcs.owner.name"), resource.get("vcs.repository.name")
     if isinstance(owner, str) and isinstance(name, str) and _REPOSITORY_RE.match(f"{owner}/{name}"):
         return f"{owner}/{name}"
     return None
-
-
-def _url_path(url: str) -> str | None:
-    """The repository path of a git remote URL: of ``scheme://[user@]host[:port]/path(.git)`` (a port is not part of
-    the path), or of the scp-like ``user@host:path(.git)``."""
-    if "://" in url:
-        from urllib.parse import urlsplit
-
-        path = urlsplit(url).path
-    elif m := _REPO_URL_RE.match(url):
-        path = m.group("path")
-    else:
-        return None
-    path = path.strip("/")
-    return path.removesuffix(".git").strip("/") or None
 
 
 class Source(BaseModel):
