@@ -14,16 +14,16 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A child process: runs ``async def work(args) -> result`` defined by the caller's source, but only after the
-# parent says "go" on stdin, so every child has imported, connected and started before any begins to work. Prints
-# ``ready`` when it is waiting, then the result as one JSON line.
+# A child process: reads its arguments (one JSON line) from stdin, sets up, prints ``ready`` and runs ``work`` only
+# after the parent says "go" on stdin, so every child has imported, connected and started before any begins to
+# work; then prints the result as one JSON line.
 _PRELUDE = """\
 import asyncio, json, sys
 
 {body}
 
 async def _main():
-    args = json.loads(sys.argv[1])
+    args = json.loads(sys.stdin.readline())
     state = await setup(args)
     print("ready", flush=True)
     sys.stdin.readline()
@@ -43,10 +43,12 @@ def run_in_processes(body: str, args_per_process: list[dict], timeout_s: float =
     Raises ``AssertionError`` with a child's stderr when one fails."""
     script = _PRELUDE.format(body=textwrap.dedent(body))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-c", script, json.dumps(args)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-             for args in args_per_process]
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for _ in args_per_process]
     try:
+        for proc, args in zip(procs, args_per_process):
+            proc.stdin.write(json.dumps(args) + "\n")
+            proc.stdin.flush()
         for proc in procs:
             line = proc.stdout.readline()
             if line.strip() != "ready":
