@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from pipeline.journal import JournalError, JournalEvent
-from pipeline.postgres_store import PostgresStore, jsonb_safe
+from pipeline.postgres_store import PostgresStore, jsonb_safe, where_equal
 
 #: Schema scripts; ``MIGRATIONS[i]`` takes the journal from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[str, ...] = (
@@ -83,14 +83,7 @@ class PostgresJournal(PostgresStore):
 
     async def events(self, *, trace_id: str | None = None, limit: int | None = None,
                      parent_run_id: str | None = None) -> list[JournalEvent]:
-        where, params = [], []  # type: list[str], list[Any]
-        if trace_id is not None:
-            where.append("trace_id = %s")
-            params.append(trace_id)
-        if parent_run_id is not None:
-            where.append("parent_run_id = %s")
-            params.append(parent_run_id)
-        where_sql = " WHERE " + " AND ".join(where) if where else ""
+        where_sql, params = where_equal(trace_id=trace_id, parent_run_id=parent_run_id)
         if limit:  # the newest ``limit``, returned oldest first
             sql = (f"SELECT seq, body FROM (SELECT seq, body FROM journal{where_sql} ORDER BY seq DESC LIMIT %s) "
                    "AS newest ORDER BY seq")
