@@ -127,7 +127,8 @@ No Postgres server for the tests: {{reason}}
 
 Provide one in one of two ways:
   * set {DATABASE_URL_ENV}=postgresql://user:password@host:port/db to use a running
-    server (the user must be allowed to CREATE DATABASE: each test gets its own);
+    server (the user must be allowed to CREATE DATABASE: each test gets its own;
+    a test that stops its server still needs the second way);
   * install the server binaries (Debian: `apt-get install postgresql`, which `make test`
     does when it runs as root) so tests/postgres_harness.py can start a server itself
     (it looks in /usr/lib/postgresql/*/bin, `pg_config --bindir` and PATH)."""
