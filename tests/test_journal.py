@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from pipeline.journal import (
-    Journal, JournalError, JournalEvent, RunInfo, SourceRef, event_id, open_journal)
+from pipeline.journal import Journal, JournalError, JournalEvent, RunInfo, SourceRef, event_id, open_journal
 from pipeline.journal.jsonl import JsonlJournal
 from pipeline.journal.postgres import PostgresJournal
 from store_support import run_in_processes, set_schema_version
