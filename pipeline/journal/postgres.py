@@ -76,7 +76,8 @@ class PostgresJournal(PostgresStore):
     async def append(self, events: list[JournalEvent]) -> int:
         if not events:
             return 0
-        async with self.connection() as conn:  # one transaction: all of the call's new events or none
+        # One transaction: all of the call's new events or none (a single event is one statement anyway).
+        async with self.connection(transaction=len(events) > 1) as conn:
             cur = conn.cursor()
             await cur.executemany(_INSERT, [_params(e) for e in events])
             return cur.rowcount
