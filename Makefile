@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JS_DIR := tests/interop/js
 
-.PHONY: serve test bench bench-assembler bench-grade otelcol phoenix clean-venv
+.PHONY: serve test postgres-server bench bench-assembler bench-grade otelcol phoenix clean-venv
 
 # Virtualenv with the package (editable) and its test extras; re-installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -22,11 +22,23 @@ serve: $(VENV)/.installed
 	$(VENV)/bin/trace-source serve --port 4319
 
 # Fetches Kafka 3.9.2 jars from Maven Central into ~/.cache/trace-source (outside git) and runs every test,
-# including those against a real broker started by the test harness.
+# including those against a real broker and a real Postgres server started by the test harnesses.
 # helm for the chart tests, built from the Go module proxy into the same cache (the first build takes minutes).
 HELM := $(HOME)/.cache/trace-source/bin/helm
 $(HELM):
 	GOBIN=$(dir $(HELM)) go install helm.sh/helm/v3/cmd/helm@v3.21.4
+
+# Postgres server binaries for the tests' harness (tests/postgres_harness.py starts its own server from them):
+# Debian's postgresql package, installed when none are found and TRACE_SOURCE_TEST_DATABASE_URL names no server
+# (CI runs as root; elsewhere through sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+postgres-server: $(VENV)/.installed
+	@if [ -z "$$TRACE_SOURCE_TEST_DATABASE_URL" ] && ! $(PY) tests/postgres_harness.py --find >/dev/null 2>&1; then \
+	  echo "no Postgres server binaries: installing Debian's postgresql package"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql && \
+	  $(PY) tests/postgres_harness.py --find; \
+	fi
 
 # Gitea for the forge tests (tests/forge_harness.py): its module from the Go module proxy, built with its options/
 # beside it into the same cache (the first build takes about 9 minutes on 2 cores, a rebuild with Go's cache warm 20 s).
@@ -40,7 +52,7 @@ AIDER := $(HOME)/.cache/trace-source/aider-0.86.2/bin/aider
 $(AIDER):
 	$(PYTHON) tests/coding_agent.py install
 
-test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed $(HELM) $(GITEA) $(AIDER)
+test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed $(HELM) $(GITEA) $(AIDER) postgres-server
 	$(PY) tests/kafka_harness.py --fetch
 	$(PY) -m pytest $(PYTEST_ARGS)
 
