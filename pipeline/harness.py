@@ -108,9 +108,13 @@ def _finished(directory: Path, started_at: float, timed_out: bool, adopted: bool
         result = json.loads((directory / "result.json").read_text())
     timed_out = timed_out or (directory / "timed_out").exists()
     ended = result.get("ended_at") or time.time()
+    stderr = _read(directory / "stderr")
+    error = result.get("error")
+    if not result and not timed_out:  # the wrapper itself failed (it writes the result last)
+        error = "the attempt wrapper ended without a result: " + stderr.decode("utf-8", "replace").strip()[-500:]
     return ProcessResult(exit_code=None if timed_out else result.get("exit_code"), timed_out=timed_out,
                          duration_s=round(max(0.0, ended - started_at), 3), stdout=_read(directory / "stdout"),
-                         stderr=_read(directory / "stderr"), error=result.get("error"),
+                         stderr=stderr, error=error,
                          setup_exit=result.get("setup_exit"), adopted=adopted)
 
 
@@ -119,6 +123,7 @@ async def run_once(argv: list[str] | tuple[str, ...], *, cwd: Path, env: dict[st
     """Run ``argv`` (after ``setup``, if given) in ``cwd`` with ``env``, at most once for ``directory`` (see the
     module docstring); returns how it ended. Cancelling the call kills the process group and forgets the attempt
     (the next worker starts it afresh). Raises ``OSError`` when the attempt directory cannot be written."""
+    directory = directory.resolve()  # the wrapper runs in ``cwd``: every path it is given must be absolute
     directory.mkdir(parents=True, exist_ok=True)
     process_file = directory / "process.json"
     if (directory / "result.json").exists() or (directory / "timed_out").exists():

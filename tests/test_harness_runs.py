@@ -160,3 +160,12 @@ async def test_a_secret_the_harness_prints_from_a_passed_variable_is_masked_in_w
     assert secret not in kept and "abcdefghijklmnopqrstuvwxyz012345" not in kept
     assert result.stdout[0]["json"]["answer"] == "key is [REDACTED:pass-env]"
     assert "[REDACTED:" in result.stderr
+
+
+async def test_a_relative_attempt_directory_works_from_another_working_directory(tmp_path, monkeypatch):
+    # Workers often run with a relative state dir (.trace-source): the attempt's command runs in the working copy.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "copy").mkdir()
+    res = await run_once([PY, "-c", "print('hi')"], cwd=tmp_path / "copy", env=env(), timeout_s=30,
+                         directory=Path("state/work/attempt-1"))
+    assert res.exit_code == 0 and res.stdout.strip() == b"hi" and res.error is None
