@@ -8,11 +8,14 @@ durations seconds.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sinks.kafka_security import SECURITY_FIELDS, KafkaSecurityFields
 
 ENV_PREFIX = "TRACE_SOURCE_ASSEMBLER_"
 MiB = 1024 * 1024
@@ -24,6 +27,8 @@ SHARED_ENV = {
     "input_topic": "TRACE_SOURCE_KAFKA_TOPIC",
     "log_level": "TRACE_SOURCE_LOG_LEVEL",
     "log_format": "TRACE_SOURCE_LOG_FORMAT",
+    # Kafka TLS / SASL: the same variables as serve's and every worker's (read by _SharedSecurityEnv).
+    **{name: "TRACE_SOURCE_" + name.upper() for name in SECURITY_FIELDS},
 }
 
 
@@ -36,8 +41,21 @@ def _shared(name: str):
     return AliasChoices(name, ENV_PREFIX + name.upper(), SHARED_ENV[name])
 
 
-class AssemblerSettings(BaseSettings):
-    """Everything the assembler can be told; ``trace-source worker assemble --help`` documents each field."""
+class _SharedSecurityEnv(PydanticBaseSettingsSource):
+    """``TRACE_SOURCE_KAFKA_<...>`` for the Kafka security fields, below the assembler's own variables, so one set of
+    variables (or one Kubernetes Secret) configures the receiver, the assembler and the stage workers."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by the ABC, unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {name: os.environ[env] for name in SECURITY_FIELDS
+                if (env := SHARED_ENV[name]) in os.environ}
+
+
+class AssemblerSettings(BaseSettings, KafkaSecurityFields):
+    """Everything the assembler can be told; ``trace-source worker assemble --help`` documents each field. The
+    ``kafka_*`` security fields (TLS, SASL) come from :class:`sinks.kafka_security.KafkaSecurityFields`."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True)
 
@@ -95,6 +113,11 @@ class AssemblerSettings(BaseSettings):
         "info", validation_alias=_shared("log_level"), description="Log level.")
     log_format: Literal["json", "console"] = Field(
         "json", validation_alias=_shared("log_format"), description="Log format.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _SharedSecurityEnv(settings_cls)
 
     @property
     def artifact_root(self) -> Path:

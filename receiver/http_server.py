@@ -199,9 +199,13 @@ class HttpReceiver:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        ready = not self.shutting_down and await self.service.sink.ready()
-        return web.json_response({"ready": ready, "sink": self.service.sink.describe(),
-                                  "shutting_down": self.shutting_down}, status=200 if ready else 503)
+        sink = self.service.sink
+        ready = not self.shutting_down and await sink.ready()
+        body = {"ready": ready, "sink": sink.describe(), "shutting_down": self.shutting_down}
+        reason = None if ready else getattr(sink, "not_ready_reason", None)
+        if reason:
+            body["reason"] = reason  # e.g. the broker refused our password; operators see it in the probe output
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})

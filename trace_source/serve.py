@@ -43,6 +43,7 @@ def build_sink(settings: ServeSettings) -> Sink:
             max_request_size=kafka_request_size(settings),
             write_timeout_s=settings.sink_timeout_s,
             retry_after_s=settings.retry_after_s,
+            security=settings.kafka_security(),
         )
     from sinks.local_log import LocalLogSink
 
@@ -81,7 +82,8 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> Non
 
         created = await create_topic(settings.kafka_bootstrap_servers, settings.kafka_topic,
                                      settings.kafka_partitions, settings.kafka_replication_factor,
-                                     max_request_size=kafka_request_size(settings))
+                                     max_request_size=kafka_request_size(settings),
+                                     security=settings.kafka_security())
         log.info("topic checked", topic=settings.kafka_topic, created=created)
     await sink.start()
 

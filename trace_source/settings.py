@@ -16,6 +16,8 @@ import yaml
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sinks.kafka_security import KafkaSecurityFields
+
 MiB = 1024 * 1024
 ENV_PREFIX = "TRACE_SOURCE_"
 
@@ -41,8 +43,9 @@ def parse_token_map(value: Any) -> dict[str, str]:
     return tokens
 
 
-class ServeSettings(BaseSettings):
-    """Everything ``serve`` can be told; ``trace-source serve --help`` documents each field."""
+class ServeSettings(BaseSettings, KafkaSecurityFields):
+    """Everything ``serve`` can be told; ``trace-source serve --help`` documents each field. The ``kafka_*`` security
+    fields (TLS, SASL) come from :class:`sinks.kafka_security.KafkaSecurityFields`."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True)
 
@@ -142,3 +145,10 @@ class _YamlFile(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the config file must be a YAML mapping of setting: value")
         return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+class KafkaClientSettings(BaseSettings, KafkaSecurityFields):
+    """Just the Kafka security settings, for the commands that only read Kafka (``tail``, ``traces``, ``topics``):
+    flags, then ``TRACE_SOURCE_KAFKA_*`` environment variables, then defaults."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
