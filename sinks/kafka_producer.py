@@ -122,8 +122,8 @@ class ManagedProducer:
 
     def delivery_failed(self, producer: AIOKafkaProducer, exc: BaseException) -> None:
         """A delivery of ``producer`` failed with ``exc``: its partition's sequence numbers are burnt, replace it."""
-        self.retire(producer, f"a batch was refused ({exc!r}), which leaves a gap in the idempotent producer's "
-                              f"sequence numbers")
+        self.retire(producer, sender_failure(producer) or f"a batch was refused ({exc!r}), which leaves a gap in "
+                                                          f"the idempotent producer's sequence numbers")
 
     def retire(self, producer: AIOKafkaProducer, reason: str) -> None:
         """Take ``producer`` out of service (if it still is) and start replacing it in the background."""
