@@ -64,8 +64,10 @@ class GrpcReceiver:
         self.max_message_bytes = max_message_bytes
         self.server: grpc.aio.Server | None = None
 
-    def build(self, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-        """Create the server bound to ``host:port``; returns it and the bound port (``port`` 0 = any free port)."""
+    def build(self, host: str, port: int,
+              credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+        """Create the server bound to ``host:port``; returns it and the bound port (``port`` 0 = any free port).
+        ``credentials``: TLS (``receiver.tls.ServerTls.grpc_credentials``); ``None`` = plaintext."""
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -73,7 +75,8 @@ class GrpcReceiver:
         for service_name, signal in _SERVICES.items():
             handler = grpc.unary_unary_rpc_method_handler(self._handler(signal))
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, {"Export": handler}),))
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
+                 else server.add_insecure_port(f"{host}:{port}"))
         if bound == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
         self.server = server

@@ -31,9 +31,11 @@ class CertFiles:
 class Pki:
     """``ca``: the trusted CA certificate file; ``server`` (SAN 127.0.0.1, ::1, localhost); ``client`` (client
     authentication, CN ``client``); ``other_ca`` / ``other_server`` / ``other_client``: signed by an unrelated CA;
-    ``wrong_host``: signed by ``ca`` but only valid for ``wrong.example`` (hostname verification must refuse it)."""
+    ``wrong_host``: signed by ``ca`` but only valid for ``wrong.example`` (hostname verification must refuse it);
+    ``ca_key``: the CA's private key, to issue more certificates (:func:`renew`)."""
 
     ca: Path
+    ca_key: Path
     server: CertFiles
     client: CertFiles
     other_ca: Path
@@ -116,9 +118,13 @@ def make_pki(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "::1", "loc
     other = _ca("unrelated test CA")
     ca_file, other_file = directory / "ca.crt", directory / "other-ca.crt"
     ca_file.write_bytes(ca[0].public_bytes(serialization.Encoding.PEM))
+    ca_key = directory / "ca.key"
+    ca_key.write_bytes(ca[1].private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
     other_file.write_bytes(other[0].public_bytes(serialization.Encoding.PEM))
     return Pki(
         ca=ca_file,
+        ca_key=ca_key,
         server=write(directory, "server", *issue(ca, "server", hosts=hosts), ca[0]),
         client=write(directory, "client", *issue(ca, "client", client=True), ca[0]),
         other_ca=other_file,
@@ -126,3 +132,12 @@ def make_pki(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "::1", "loc
         other_client=write(directory, "other-client", *issue(other, "client", client=True), other[0]),
         wrong_host=write(directory, "wrong-host", *issue(ca, "wrong", hosts=("wrong.example",)), ca[0]),
     )
+
+
+def renew(pki: Pki, directory: Path, name: str = "server",
+          hosts: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")) -> CertFiles:
+    """A new server certificate (new key, new serial) from ``pki``'s CA, as a renewal by cert-manager would be."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    directory.mkdir(parents=True, exist_ok=True)
+    return write(directory, name, *issue((ca_cert, ca_key), name, hosts=hosts), ca_cert)

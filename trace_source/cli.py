@@ -164,11 +164,12 @@ def serve(config: Path | None, **flags) -> None:
 
     from pipeline.journal import JournalError
     from pipeline.ledger import LedgerError
+    from receiver.tls import TlsConfigError
 
     configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
-    except (OSError, SinkUnavailable, KafkaError, LedgerError, JournalError) as exc:  # start-up failures
+    except (OSError, TlsConfigError, SinkUnavailable, KafkaError, LedgerError, JournalError) as exc:  # start-up
         raise click.ClickException(f"cannot start: {exc}") from None
 
 

@@ -94,12 +94,20 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> Non
                             retry_after_s=settings.retry_after_s)
     auth = Authenticator(settings.token_map(), settings.source_id)
 
+    tls = None
+    if settings.tls_cert_file is not None:
+        from receiver.tls import ServerTls
+
+        tls = ServerTls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file,
+                        min_version=settings.tls_min_version, reload_interval_s=settings.tls_reload_interval_s)
+
     http = HttpReceiver(service, auth, metrics, max_body_bytes=settings.max_body_bytes,
                         cors_allowed_origins=settings.cors_allowed_origins)
     runner = web.AppRunner(http.app(), auto_decompress=False, access_log=None,
                            shutdown_timeout=settings.shutdown_grace_s)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True,
+                       ssl_context=tls.http_context() if tls else None)
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]  # the real port when --port 0
 
@@ -108,17 +116,21 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> Non
     if settings.grpc_enabled:
         grpc_server, grpc_port = GrpcReceiver(service, auth, metrics,
                                               max_message_bytes=settings.max_body_bytes).build(
-            settings.host, settings.grpc_port)
+            settings.host, settings.grpc_port, tls.grpc_credentials() if tls else None)
         await grpc_server.start()
+    watcher = asyncio.create_task(tls.watch(), name="tls-reload") if tls else None
 
     # One machine-readable line tests and scripts wait for; humans read the same fields.
-    log.info("serving", http=f"http://{settings.host}:{http_port}", grpc=(
+    scheme = "https" if tls else "http"
+    log.info("serving", http=f"{scheme}://{settings.host}:{http_port}", grpc=(
         f"{settings.host}:{grpc_port}" if grpc_port else None), sink=sink.describe(), auth=auth.enabled,
-        http_port=http_port, grpc_port=grpc_port)
+        http_port=http_port, grpc_port=grpc_port, tls=tls is not None, mtls=bool(tls and tls.mtls))
     try:
         await stop.wait()
     finally:
         log.info("shutting down", grace_s=settings.shutdown_grace_s)
+        if watcher is not None:
+            watcher.cancel()
         http.shutting_down = True
         # Both servers stop accepting at once and drain their in-flight requests concurrently.
         await asyncio.gather(runner.cleanup(), *(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sinks.kafka_security import KafkaSecurityFields
@@ -79,6 +79,18 @@ class ServeSettings(BaseSettings, KafkaSecurityFields):
         None, description="YAML/JSON file mapping bearer tokens to source ids (merged with auth_tokens).")
     source_id: str = Field("default", description="Source id recorded when authentication is off.")
 
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate (chain, leaf first) for OTLP/HTTP and OTLP/gRPC; with tls_key_file "
+                          "both serve TLS only (https://, gRPC with TLS).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (unencrypted).")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA certificates client certificates must chain to: set = mTLS, a client without a "
+                          "valid certificate is refused during the handshake.")
+    tls_min_version: Literal["1.2", "1.3"] = Field("1.2", description="Lowest TLS version accepted.")
+    tls_reload_interval_s: float = Field(
+        10.0, ge=0, description="How often the TLS files are checked for changes (cert-manager rotation); changed "
+                                "files are used for new connections. 0 = never.")
+
     cors_allowed_origins: list[str] = Field(
         default_factory=list, description="Allowed CORS origins (patterns like https://*.example.com). Empty = off.")
 
@@ -86,6 +98,14 @@ class ServeSettings(BaseSettings, KafkaSecurityFields):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "console"] = Field("json", description="Log format.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time to drain in-flight requests on SIGTERM.")
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> "ServeSettings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together (server certificate and its key)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        return self
 
     @field_validator("auth_tokens", mode="before")
     @classmethod
