@@ -28,6 +28,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from interop_support import (RecordingSpanExporter, assert_each_span_exactly_once, landed_local, make_agent_traces,
                               wait_for)
@@ -85,6 +86,20 @@ def export(exporter, n_traces: int = 2) -> tuple[dict[str, str], list[SpanExport
     return ids, [result for result, _ in recording.results]
 
 
+def export_one(exporter) -> SpanExportResult:
+    """Export a single span (one request plus the exporter's retries within its timeout)."""
+    provider = TracerProvider(resource=Resource.create({"service.name": "tls-agent"}))
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    with provider.get_tracer("otlp.tls").start_as_current_span("refused?"):
+        pass
+    try:
+        return exporter.export(memory.get_finished_spans())
+    finally:
+        exporter.shutdown()
+        provider.shutdown()
+
+
 def metric(serve, pki, name: str, **labels: str) -> float:
     text = requests.get(f"{serve.http_url}/metrics", verify=str(pki.ca), timeout=10).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
@@ -108,10 +123,8 @@ def test_tls_on_both_endpoints_with_bearer_tokens(pki, tmp_path: Path) -> None:
         sent_grpc, results = export(grpc_exporter(serve, pki))
         assert results and all(r is SpanExportResult.SUCCESS for r in results)
         # the token is still checked over TLS
-        _, results = export(http_exporter(serve, pki, token="wrong"), 1)
-        assert results and all(r is SpanExportResult.FAILURE for r in results)
-        _, results = export(grpc_exporter(serve, pki, token="wrong"), 1)
-        assert results and all(r is SpanExportResult.FAILURE for r in results)
+        assert export_one(http_exporter(serve, pki, token="wrong")) is SpanExportResult.FAILURE
+        assert export_one(grpc_exporter(serve, pki, token="wrong")) is SpanExportResult.FAILURE
         assert metric(serve, pki, "trace_source_requests_total", protocol="http", status="401") >= 1
         assert metric(serve, pki, "trace_source_requests_total", protocol="grpc", status="UNAUTHENTICATED") >= 1
         # no plaintext on the TLS ports
@@ -133,10 +146,8 @@ def test_mtls_refuses_clients_without_a_valid_certificate(pki, tmp_path: Path) -
         sent_grpc, results = export(grpc_exporter(serve, pki, client=pki.client))
         assert results and all(r is SpanExportResult.SUCCESS for r in results)
         for client in (None, pki.other_client):
-            _, results = export(http_exporter(serve, pki, client=client, timeout=3), 1)
-            assert results and all(r is SpanExportResult.FAILURE for r in results), client
-            _, results = export(grpc_exporter(serve, pki, client=client, timeout=3), 1)
-            assert results and all(r is SpanExportResult.FAILURE for r in results), client
+            for make in (http_exporter, grpc_exporter):
+                assert export_one(make(serve, pki, client=client, timeout=1)) is SpanExportResult.FAILURE, client
         # TLS 1.3: the server checks the client certificate after the client's handshake is done, so the refusal
         # shows up as a closed connection (SSLError is a ConnectionError too)
         with pytest.raises(requests.exceptions.ConnectionError):
@@ -148,11 +159,13 @@ def test_mtls_refuses_clients_without_a_valid_certificate(pki, tmp_path: Path) -
     assert_each_span_exactly_once(records, {**sent_http, **sent_grpc})  # nothing from the refused clients
 
 
-def run_js(serve, env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_js(serve, env: dict[str, str], traces: int = 2, spans_per_trace: int = 3,
+           timeout_ms: int = 30000) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     return subprocess.run(
-        [node(), str(SCRIPT), "--url", f"{serve.http_url}/v1/traces", "--traces", "2", "--spans-per-trace", "3",
-         "--processor", "simple", "--token", TOKEN],
+        [node(), str(SCRIPT), "--url", f"{serve.http_url}/v1/traces", "--traces", str(traces),
+         "--spans-per-trace", str(spans_per_trace), "--processor", "batch", "--token", TOKEN,
+         "--timeout-ms", str(timeout_ms)],
         cwd=JS_DIR, capture_output=True, text=True, timeout=120, env={**clean, **env})
 
 
@@ -164,7 +177,9 @@ def test_js_exporter_over_tls_and_mtls(pki, tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = json.loads(proc.stdout)
         assert out["exports"] and all(e["code"] == 0 for e in out["exports"])
-        refused = run_js(serve, {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca)})  # trusts us, but has no certificate
+        # trusts the server, but has no client certificate
+        refused = run_js(serve, {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca)}, traces=1, spans_per_trace=1,
+                         timeout_ms=2000)
         assert refused.returncode == 1, refused.stderr[-3000:]
         assert all(e["code"] == 1 for e in json.loads(refused.stdout)["exports"])
         records = landed_local(serve.state_dir)

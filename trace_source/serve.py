@@ -14,6 +14,7 @@ from aiohttp import web
 
 from receiver.auth import Authenticator
 from receiver.backpressure import InflightBudget
+from receiver.connections import ConnectionLimiter
 from receiver.export import ExportService
 from receiver.grpc_server import GrpcReceiver
 from receiver.http_server import HttpReceiver
@@ -102,20 +103,26 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> Non
                         min_version=settings.tls_min_version, reload_interval_s=settings.tls_reload_interval_s)
 
     http = HttpReceiver(service, auth, metrics, max_body_bytes=settings.max_body_bytes,
-                        cors_allowed_origins=settings.cors_allowed_origins)
+                        cors_allowed_origins=settings.cors_allowed_origins, read_timeout_s=settings.read_timeout_s)
+    # keepalive_timeout: aiohttp's one timer for idle keep-alive connections and for a request's headers to arrive.
+    # lingering_time: after an early answer (408, 413) aiohttp keeps reading the unread body so the client sees the
+    # answer rather than a reset; 2 s instead of its 10 s, so a slow client cannot hold the connection that long.
     runner = web.AppRunner(http.app(), auto_decompress=False, access_log=None,
-                           shutdown_timeout=settings.shutdown_grace_s)
+                           shutdown_timeout=settings.shutdown_grace_s, keepalive_timeout=settings.idle_timeout_s,
+                           lingering_time=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True,
-                       ssl_context=tls.http_context() if tls else None)
-    await site.start()
-    http_port = site._server.sockets[0].getsockname()[1]  # the real port when --port 0
+    # Our own listener instead of a TCPSite, so the connection limit sits in front of aiohttp's protocol factory.
+    listener = await loop.create_server(
+        ConnectionLimiter(runner.server, settings.max_connections, metrics), settings.host, settings.port,
+        ssl=tls.http_context() if tls else None, reuse_address=True, backlog=1024)
+    http_port = listener.sockets[0].getsockname()[1]  # the real port when --port 0
 
     grpc_server = None
     grpc_port = None
     if settings.grpc_enabled:
-        grpc_server, grpc_port = GrpcReceiver(service, auth, metrics,
-                                              max_message_bytes=settings.max_body_bytes).build(
+        grpc_server, grpc_port = GrpcReceiver(service, auth, metrics, max_message_bytes=settings.max_body_bytes,
+                                              idle_timeout_s=settings.idle_timeout_s,
+                                              max_connections=settings.max_connections).build(
             settings.host, settings.grpc_port, tls.grpc_credentials() if tls else None)
         await grpc_server.start()
     watcher = asyncio.create_task(tls.watch(), name="tls-reload") if tls else None
@@ -132,6 +139,7 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> Non
         if watcher is not None:
             watcher.cancel()
         http.shutting_down = True
+        listener.close()  # stop accepting; runner.cleanup() then drains the open connections
         # Both servers stop accepting at once and drain their in-flight requests concurrently.
         await asyncio.gather(runner.cleanup(), *(
             [grpc_server.stop(settings.shutdown_grace_s)] if grpc_server is not None else []))

@@ -72,6 +72,17 @@ class ServeSettings(BaseSettings, KafkaSecurityFields):
     max_body_bytes: int = Field(64 * MiB, ge=1024, description="Request body cap, after decompression (413).")
     max_inflight_bytes: int = Field(256 * MiB, ge=MiB, description="In-flight byte budget (503 above it).")
     retry_after_s: int = Field(2, ge=1, description="Retry-After / RetryInfo delay sent with 503, seconds.")
+    idle_timeout_s: float = Field(
+        60.0, gt=0, description="Longest a connection may go without a complete request: from connecting, or from "
+                                "the previous answer, until the next request's headers are in (idle keep-alive "
+                                "connections and slow headers alike; gRPC: idle connections and the TLS/HTTP2 "
+                                "handshake).")
+    read_timeout_s: float = Field(
+        60.0, gt=0, description="OTLP/HTTP: deadline for reading a request body once its headers are in; a slower "
+                                "client gets 408 and is disconnected.")
+    max_connections: int = Field(
+        4096, ge=0, description="Open connections per server (OTLP/HTTP, OTLP/gRPC); more are closed on arrival and "
+                                "the exporters retry. 0 = no limit.")
 
     auth_tokens: dict[str, str] = Field(
         default_factory=dict, description="Bearer tokens -> source ids (TOKEN=SOURCE,... or JSON). Empty = no auth.")
