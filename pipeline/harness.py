@@ -55,6 +55,25 @@ class ProcessResult:
         return self.exit_code == 0 and not self.timed_out
 
 
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), ``None`` when unknown:
+    with the pid it identifies a process even after pids are reused (a restarted container starts them over)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def _same_process(info: dict) -> bool:
+    """``info`` (process.json) describes a process alive on this host right now — not another one that happens to
+    have its pid."""
+    if info.get("host") != socket.gethostname() or not _alive(info["pid"]):
+        return False
+    recorded, now = info.get("start_ticks"), _start_ticks(info["pid"])
+    return recorded is None or now is None or recorded == now
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -108,7 +127,7 @@ async def run_once(argv: list[str] | tuple[str, ...], *, cwd: Path, env: dict[st
     # "adopted" above: a worker that died after the attempt ended; its result is used as it is.
     if process_file.exists():
         info = json.loads(process_file.read_text())
-        if info.get("host") == socket.gethostname() and _alive(info["pid"]):
+        if _same_process(info):
             log.info("harness.adopting", pid=info["pid"], directory=str(directory))
             adopted = await _wait(None, info["pid"], directory, info["started_at"], info["deadline"], adopted=True)
             if adopted is not None:
@@ -127,8 +146,8 @@ async def run_once(argv: list[str] | tuple[str, ...], *, cwd: Path, env: dict[st
                                                     stdout=out, stderr=err, start_new_session=True)
     deadline = started_at + timeout_s * (2 if setup else 1)
     tmp = process_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "started_at": started_at,
-                               "deadline": deadline, "argv": list(argv)}))
+    tmp.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "start_ticks": _start_ticks(proc.pid),
+                               "started_at": started_at, "deadline": deadline, "argv": list(argv)}))
     os.replace(tmp, process_file)
     return await _wait(proc, proc.pid, directory, started_at, deadline, adopted=False)
 

@@ -36,6 +36,7 @@ from sinks.base import (
     HEADER_TRANSPORT,
     SPANS_TOPIC,
 )
+from pipeline.group_commit import GroupWriter
 from sinks.local_log import LOG_FILENAME, LocalLogAppender, LocalLogReader
 from pipeline.bus import BusPublishError, BusRecord, Headers, PartitionListener, decode_headers, encode_headers
 
@@ -43,10 +44,12 @@ JSON_CONTENT_TYPE = "application/json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     """Write ``data`` to ``path`` atomically and durably: readers see the old file or the new one, never a mix.
 
-    Creates missing parent directories. Raises ``OSError`` (disk full, permissions); the temp file is removed then.
+    Creates missing parent directories. ``sync_dir=False`` leaves the directory's fsync (which makes the rename
+    durable) to the caller, who may do it once for many files. Raises ``OSError`` (disk full, permissions); the temp
+    file is removed then.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -62,6 +65,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not sync_dir:
+        return
     # The rename itself is durable only once the directory entry is.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -198,6 +203,8 @@ class LocalBusPublisher:
         self.file_topics = frozenset(file_topics)
         self.files = LocalFilePublisher(self.state_dir)
         self._appender: LocalLogAppender | None = None
+        # Concurrent publishes (a stage working on several records) share one transaction and one fsync.
+        self._writer = GroupWriter("local-bus-writer", lambda rows: self._appender.append_many(rows))
 
     def path_for(self, topic: str, key: bytes | None) -> Path:
         """The file view's path of a record (``file_topics`` only)."""
@@ -214,13 +221,12 @@ class LocalBusPublisher:
     async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
         if self._appender is None:
             await self.start()
-        appender = self._appender
         hdrs = {k: v.decode("utf-8", errors="replace") for k, v in headers}
         try:
-            await asyncio.to_thread(
-                appender.append, topic, None if key is None else key.decode("utf-8", errors="replace"), value,
-                encode_headers(list(headers)), content_type=hdrs.get(HEADER_CONTENT_TYPE, "application/octet-stream"),
-                source_id=hdrs.get(HEADER_SOURCE_ID, ""), received_at_ns=time.time_ns())
+            await self._writer.submit((topic, None if key is None else key.decode("utf-8", errors="replace"), value,
+                                       encode_headers(list(headers)),
+                                       hdrs.get(HEADER_CONTENT_TYPE, "application/octet-stream"),
+                                       hdrs.get(HEADER_SOURCE_ID, ""), time.time_ns()))
         except Exception as exc:  # sqlite3.Error: disk full, locked past the busy timeout
             raise BusPublishError(f"cannot append to the embedded log for {topic}: {exc}") from exc
         if topic in self.file_topics:
@@ -230,6 +236,7 @@ class LocalBusPublisher:
         return len(value)
 
     async def stop(self) -> None:
+        await self._writer.close()
         appender, self._appender = self._appender, None
         if appender is not None:
             await asyncio.to_thread(appender.close)

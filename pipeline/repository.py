@@ -76,7 +76,12 @@ class Repository:
 
     @property
     def is_git(self) -> bool:
-        return git("rev-parse", "--git-dir", cwd=self.path, check=False).returncode == 0
+        """A git repository rooted at :attr:`path` (a folder *inside* another repository's checkout, such as an
+        example agent in a monorepo, is treated as a plain directory: copied whole, without revisions)."""
+        proc = git("rev-parse", "--show-toplevel", cwd=self.path, check=False)
+        if proc.returncode != 0:
+            return git("rev-parse", "--is-bare-repository", cwd=self.path, check=False).stdout.strip() == "true"
+        return Path(proc.stdout.strip()).resolve() == self.path.resolve()
 
     def identity(self) -> str | None:
         """``owner/name`` from the ``origin`` remote's URL (as the envelope's ``repository`` is derived), if any."""

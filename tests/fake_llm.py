@@ -1,21 +1,32 @@
-"""A small local OpenAI-compatible chat model for the dialect tests (``tests/test_dialects_real.py``).
+"""A small local OpenAI-compatible chat model for the dialect tests (``tests/test_dialects_real.py``), the grading
+corpus (``tests/test_grading_corpus.py``) and the judge tests (``tests/test_grading_judge.py``).
 
 Serves ``POST /v1/chat/completions`` (plain JSON and ``stream: true`` server-sent events) on ``127.0.0.1`` at a free
 port, from a thread, so the real OpenAI clients (Python ``openai``, the Vercel AI SDK's ``@ai-sdk/openai``, Pydantic
 AI's OpenAI model) and the instrumentation wrapped around them can run a complete tool-using agent turn offline.
 
 The answer is decided from the request alone (no hidden per-client state, so concurrent agents do not disturb each
-other):
+other), first by the model name:
 
+* model name starting with ``judge-`` -> an LLM *judge* answer (:func:`judge_reply`): ``judge-failed`` /
+  ``judge-passed`` a structured verdict JSON (usage :data:`JUDGE_USAGE`), ``judge-garbage`` text that is not JSON,
+  ``judge-badschema`` JSON that fails the verdict schema, ``judge-slow`` the ``judge-failed`` answer after
+  :data:`JUDGE_SLOW_S` seconds, ``judge-noschema`` HTTP 400 naming ``response_format`` when one is sent (else the
+  ``judge-failed`` answer); ``judge-error`` falls under the next rule;
 * model name containing ``"error"`` -> HTTP 500 with an OpenAI-style error body (:data:`ERROR_MESSAGE`);
-* the conversation already holds a tool result (a ``role: tool`` message) -> the final text answer
-  (:data:`FINAL_ANSWER`, ``finish_reason: stop``, usage :data:`FINAL_USAGE`);
-* tools are offered -> one call of :data:`TOOL_NAME` with :data:`TOOL_ARGUMENTS` (``finish_reason: tool_calls``,
-  usage :data:`TOOL_CALL_USAGE`);
-* otherwise -> the final text answer.
+* model name ending in ``+<script>`` -> the scripted agent turn :data:`SCRIPTS` ``[<script>]``:
+  ``answer`` (the final answer at once, even with tools offered), ``refuse`` (:data:`REFUSAL`), ``loop`` (always
+  another call of the tool with the same arguments), ``retry`` (call the tool again while the latest tool result
+  reads like an error — "error" or "retry" in it, at most :data:`MAX_RETRIES` times — then answer);
+* otherwise the default turn: the conversation already holds a tool result (a ``role: tool`` message) -> the final
+  text answer (:data:`FINAL_ANSWER`, ``finish_reason: stop``, usage :data:`FINAL_USAGE`) — whatever that result
+  says; tools are offered -> one call of :data:`TOOL_NAME` with :data:`TOOL_ARGUMENTS` (``finish_reason:
+  tool_calls``, usage :data:`TOOL_CALL_USAGE`); otherwise -> the final text answer.
 
-Every request is kept in :attr:`FakeLLM.requests` (path, model, stream flag, decoded body, status returned), so a
-test can check what the client really sent, e.g. that the tool result went back to the model.
+The n-th tool call of a conversation (n = tool results so far + 1) has the id :data:`TOOL_CALL_ID` for n = 1 and
+``f"{TOOL_CALL_ID}_{n}"`` after that. Every request is kept in :attr:`FakeLLM.requests` (path, model, stream flag,
+decoded body, status returned), so a test can check what the client really sent, e.g. that the tool result went
+back to the model.
 """
 
 from __future__ import annotations
@@ -24,8 +35,9 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from local_http import LocalHTTPServer, QuietHandler
 
 TASK = "What's the weather in Paris?"
 TOOL_NAME = "get_weather"
@@ -35,6 +47,14 @@ TOOL_RESULT = "sunny, 22C"
 FINAL_ANSWER = "It is sunny and 22C in Paris."
 ERROR_MESSAGE = "fake upstream failure: the model is overloaded"
 ERROR_STATUS = 500
+REFUSAL = "I'm sorry, but I can't help with that request."
+#: Tool calls the ``retry`` script makes at most.
+MAX_RETRIES = 3
+
+#: Judge answers: usage (prompt_tokens, completion_tokens), the slow judge's delay, the summary of its verdicts.
+JUDGE_USAGE = (321, 45)
+JUDGE_SLOW_S = 5.0
+JUDGE_SUMMARY = "The fake judge read the run and decided."
 
 #: (prompt_tokens, completion_tokens) of the first response (the tool call) and of the final answer.
 TOOL_CALL_USAGE = (42, 17)
@@ -63,7 +83,8 @@ class SeenRequest:
     stream: bool
     body: dict[str, Any]
     status: int
-    kind: str = ""  # "tool_call", "final", "error", "bad-request"
+    kind: str = ""  # "tool_call", "final", "error", "bad-request", "judge"
+    authorization: str | None = None  # the Authorization header sent
 
 
 @dataclass
@@ -75,8 +96,50 @@ class _Reply:
     usage: tuple[int, int] = (0, 0)
 
 
-def _has_tool_result(messages: list[dict[str, Any]]) -> bool:
-    return any(isinstance(m, dict) and m.get("role") == "tool" for m in messages)
+def _tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in messages if isinstance(m, dict) and m.get("role") == "tool"]
+
+
+def _tool_call(n: int, usage: tuple[int, int] = TOOL_CALL_USAGE) -> _Reply:
+    """The n-th call (from 1) of the weather tool in a conversation."""
+    return _Reply(kind="tool_call", tool_calls=[{
+        "id": TOOL_CALL_ID if n == 1 else f"{TOOL_CALL_ID}_{n}", "type": "function",
+        "function": {"name": TOOL_NAME, "arguments": json.dumps(TOOL_ARGUMENTS)}}],
+        finish_reason="tool_calls", usage=usage)
+
+
+def _final(text: str = FINAL_ANSWER) -> _Reply:
+    return _Reply(kind="final", content=text, finish_reason="stop", usage=FINAL_USAGE)
+
+
+def _content_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, list):  # content parts
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content or "")
+
+
+def _default(body: dict[str, Any], results: list[dict[str, Any]]) -> _Reply:
+    return _final() if results or not body.get("tools") else _tool_call(1)
+
+
+def _retry(body: dict[str, Any], results: list[dict[str, Any]]) -> _Reply:
+    if not results:
+        return _tool_call(1)
+    latest = _content_text(results[-1]).lower()
+    if len(results) < MAX_RETRIES and ("error" in latest or "retry" in latest):
+        return _tool_call(len(results) + 1)
+    return _final()
+
+
+#: Scripted agent turns, selected by a model name ending in ``+<script>``: (request body, tool results so far) ->
+#: reply.
+SCRIPTS = {
+    "answer": lambda body, results: _final(),
+    "refuse": lambda body, results: _final(REFUSAL),
+    "loop": lambda body, results: _tool_call(len(results) + 1),
+    "retry": _retry,
+}
 
 
 def decide(body: dict[str, Any]) -> _Reply | None:
@@ -84,19 +147,47 @@ def decide(body: dict[str, Any]) -> _Reply | None:
     model = str(body.get("model") or "")
     if "error" in model:
         return None
-    messages = body.get("messages") or []
-    if not _has_tool_result(messages) and body.get("tools"):
-        return _Reply(
-            kind="tool_call",
-            tool_calls=[{
-                "id": TOOL_CALL_ID,
-                "type": "function",
-                "function": {"name": TOOL_NAME, "arguments": json.dumps(TOOL_ARGUMENTS)},
-            }],
-            finish_reason="tool_calls",
-            usage=TOOL_CALL_USAGE,
-        )
-    return _Reply(kind="final", content=FINAL_ANSWER, finish_reason="stop", usage=FINAL_USAGE)
+    results = _tool_results(body.get("messages") or [])
+    script = SCRIPTS.get(model.rsplit("+", 1)[1], _default) if "+" in model else _default
+    return script(body, results)
+
+
+def judge_reply(body: dict[str, Any]) -> tuple[int, str | None]:
+    """A judge model's (HTTP status, message content); see the module docstring. The verdicts quote the first tool
+    call of the run digest the judge was sent (its span id) and answer every success criterion."""
+    mode = str(body.get("model") or "").removeprefix("judge-")
+    if mode == "noschema":
+        if body.get("response_format"):
+            return 400, json.dumps({"error": {"message": "response_format is not supported by this model",
+                                              "type": "invalid_request_error", "param": "response_format"}})
+        mode = "failed"
+    if mode == "slow":
+        time.sleep(JUDGE_SLOW_S)
+        mode = "failed"
+    if mode == "garbage":
+        return 200, "I think the run failed, but I cannot say more."
+    if mode == "badschema":
+        return 200, json.dumps({"verdict": "maybe", "summary": ""})
+    digest = _judge_digest(body)
+    tools = digest.get("tool_calls") or [{}]
+    verdict = "passed" if mode == "passed" else "failed"
+    return 200, json.dumps({
+        "verdict": verdict, "category": "none" if verdict == "passed" else "wrong_output",
+        "summary": JUDGE_SUMMARY,
+        "evidence": [{"span_id": tools[0].get("span_id") or "", "quote": str(tools[0].get("result") or "-")}],
+        "criteria": [{"text": c.get("text", ""), "passed": verdict == "passed", "detail": f"judged {verdict}"}
+                     for c in digest.get("success_criteria") or [] if c.get("kind") == "judged"]})
+
+
+def _judge_digest(body: dict[str, Any]) -> dict[str, Any]:
+    for m in reversed(body.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            try:
+                found = json.loads(_content_text(m))
+            except ValueError:
+                return {}
+            return found if isinstance(found, dict) else {}
+    return {}
 
 
 def _usage(usage: tuple[int, int]) -> dict[str, Any]:
@@ -111,54 +202,25 @@ def _usage(usage: tuple[int, int]) -> dict[str, Any]:
     }
 
 
-class FakeLLM:
+class FakeLLM(LocalHTTPServer):
     """The fake server. ``with FakeLLM() as llm: llm.base_url`` -> ``http://127.0.0.1:<port>/v1``."""
+
+    thread_name = "fake-llm"
 
     def __init__(self) -> None:
         self.requests: list[SeenRequest] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._counter = 0
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "FakeLLM is not started"
-        return self._server.server_address[1]
+    def _handler_class(self) -> type[_Handler]:
+        return _Handler
 
     @property
     def base_url(self) -> str:
         """OpenAI-style base URL, including ``/v1``."""
         return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> "FakeLLM":
-        owner = self
-
-        class Handler(_Handler):
-            fake = owner
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-llm", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self) -> "FakeLLM":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- bookkeeping ------------------------------------------------------------------------------------
 
@@ -176,23 +238,13 @@ class FakeLLM:
             return [r for r in self.requests if model is None or r.model == model]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     fake: FakeLLM
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet server
-        pass
-
     def _send_json(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status >= 500:
-            # Keep clients from waiting out a retry delay; they still retry as configured.
-            self.send_header("Retry-After", "0")
-        self.end_headers()
-        self.wfile.write(data)
+        # Retry-After: 0 on a 5xx keeps clients from waiting out a retry delay; they still retry as configured.
+        self.send_json(status, payload, {"Retry-After": "0"} if status >= 500 else None)
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path.rstrip("/") in ("/v1/models", "/models"):
@@ -216,6 +268,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         model = str(body.get("model") or "")
         stream = bool(body.get("stream"))
+        if model.startswith("judge-") and "error" not in model:
+            self._judge(path, model, body)
+            return
         reply = decide(body)
         if reply is None:
             self.fake._record(SeenRequest(path, model, stream, body, ERROR_STATUS, "error"))
@@ -241,6 +296,18 @@ class _Handler(BaseHTTPRequestHandler):
                              "finish_reason": reply.finish_reason}],
                 "usage": _usage(reply.usage),
             })
+
+    def _judge(self, path: str, model: str, body: dict[str, Any]) -> None:
+        status, content = judge_reply(body)
+        self.fake._record(SeenRequest(path, model, False, body, status, "judge", self.headers.get("Authorization")))
+        if status != 200:
+            self._send_json(status, json.loads(content or "{}"))
+            return
+        self._send_json(200, {
+            "id": self.fake._next_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": _usage(JUDGE_USAGE)})
 
     def _stream(self, completion_id: str, created: int, model: str, reply: _Reply, body: dict[str, Any]) -> None:
         def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None,

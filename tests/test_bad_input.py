@@ -647,7 +647,7 @@ def odd_wire_requests(draw) -> bytes:
 def landed_spans(server: Server, after: int) -> list[bytes]:
     """(resource, resource schema_url, scope, scope schema_url, span) of every span written after ``after``."""
     out = []
-    for rec in server.reader.read(after, 100_000):
+    for rec in server.reader.read(after, 100_000, topic="trace-source.spans"):
         data = TracesData.FromString(rec.value)
         data.DiscardUnknownFields()
         out.extend(triples(data))
@@ -675,7 +675,7 @@ def test_property_odd_wire_encodings_land_exactly(srv: Server) -> None:
             return
         reference.DiscardUnknownFields()
         rejected = sum(map(is_invalid, spans_of(reference)))
-        before = srv.reader.last_offset()
+        before = srv.reader.last_offset(topic="trace-source.spans")
         if use_grpc:
             code, result = srv.grpc(body)
             assert code == grpc.StatusCode.OK, (code, result)
@@ -806,7 +806,7 @@ def id_cases(draw):
 
 
 def landed_span_names(server: Server, after: int) -> list[str]:
-    return sorted(sp.name for rec in server.reader.read(after, 100_000)
+    return sorted(sp.name for rec in server.reader.read(after, 100_000, topic="trace-source.spans")
                   for sp in spans_of(TracesData.FromString(rec.value)))
 
 
@@ -824,7 +824,7 @@ def test_property_invalid_ids(srv: Server) -> None:
             ss.spans.add(trace_id=tid, span_id=sid, parent_span_id=psid, name=f"s{i}")
         rejected = sum(map(is_invalid, ss.spans))
         valid = sorted(sp.name for sp in ss.spans if not is_invalid(sp))
-        before = srv.reader.last_offset()
+        before = srv.reader.last_offset(topic="trace-source.spans")
         if transport == "grpc":
             code, result = srv.grpc(req.SerializeToString())
             assert code == grpc.StatusCode.OK, (code, result)
@@ -837,7 +837,7 @@ def test_property_invalid_ids(srv: Server) -> None:
                 index, key, value = bad_hex
                 doc["resourceSpans"][0]["scopeSpans"][0]["spans"][index][key] = value
                 expect_400(srv.post(json.dumps(doc).encode(), JSON), JSON, f"spans[{index}].{key}")
-                assert srv.reader.last_offset() == before
+                assert srv.reader.last_offset(topic="trace-source.spans") == before
                 return
             check_partial(export_response(srv.post(json.dumps(doc).encode(), JSON), JSON), rejected)
         assert landed_span_names(srv, before) == valid
@@ -994,7 +994,7 @@ def test_invalid_ids_are_partial_success_and_the_valid_span_lands(srv: Server) -
     ss.spans.add(trace_id=TRACE_ID, span_id=bytes(8), name="zero span id")
     ss.spans.add(trace_id=TRACE_ID, span_id=SPAN_ID, parent_span_id=b"\x01" * 9, name="9-byte parent")
     for send in ("http", "grpc", "json"):
-        before = srv.reader.last_offset()
+        before = srv.reader.last_offset(topic="trace-source.spans")
         if send == "http":
             response = export_response(srv.post(req.SerializeToString()), PROTOBUF)
         elif send == "json":
@@ -1013,14 +1013,14 @@ def test_json_non_hex_trace_id_is_400_naming_the_field(srv: Server, bad) -> None
     doc = {"resourceSpans": [{"scopeSpans": [{"spans": [
         {"traceId": TRACE_ID.hex(), "spanId": SPAN_ID.hex(), "name": "good"},
         {"traceId": bad, "spanId": SPAN_ID.hex(), "name": "bad"}]}]}]}
-    before = srv.reader.last_offset()
+    before = srv.reader.last_offset(topic="trace-source.spans")
     resp = srv.post(json.dumps(doc).encode(), JSON)
     if bad is None:  # null = unset = empty id: an invalid span, not undecodable JSON
         check_partial(export_response(resp, JSON), 1)
         assert landed_span_names(srv, before) == ["good"]
         return
     expect_400(resp, JSON, "resourceSpans[0].scopeSpans[0].spans[1].traceId")
-    assert srv.reader.last_offset() == before
+    assert srv.reader.last_offset(topic="trace-source.spans") == before
 
 
 def test_json_wrong_length_hex_is_partial_success(srv: Server) -> None:
@@ -1028,7 +1028,7 @@ def test_json_wrong_length_hex_is_partial_success(srv: Server) -> None:
         {"traceId": TRACE_ID.hex().upper(), "spanId": SPAN_ID.hex(), "name": "good"},
         {"traceId": TRACE_ID.hex()[:30], "spanId": SPAN_ID.hex(), "name": "short trace id"},
         {"traceId": TRACE_ID.hex(), "spanId": SPAN_ID.hex() + "00", "name": "long span id"}]}]}]}
-    before = srv.reader.last_offset()
+    before = srv.reader.last_offset(topic="trace-source.spans")
     check_partial(export_response(srv.post(json.dumps(doc).encode(), JSON), JSON), 2)
     assert landed_span_names(srv, before) == ["good"]
 

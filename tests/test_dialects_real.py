@@ -44,9 +44,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +60,7 @@ from normalizers.canonical import (
     log_events_from_logs_data,
     spans_from_traces_data,
 )
+from agent_process import run_agent_script
 from serve_proc import ServeProcess
 from sinks.local_log import LOG_FILENAME, LocalLogReader
 
@@ -73,7 +71,6 @@ RUN_VIEW_SOURCE = os.environ.get("TRACE_SOURCE_TEST_RUN_VIEW", "envelope")
 TESTS_DIR = Path(__file__).resolve().parent
 AGENTS_DIR = TESTS_DIR / "dialect_agents"
 JS_DIR = TESTS_DIR / "interop" / "js"
-SCRIPT_TIMEOUT_S = 180
 LANDING_TIMEOUT_S = 60
 
 TOOL_CALL_USAGES = [fake_llm.TOOL_CALL_USAGE, fake_llm.FINAL_USAGE]
@@ -175,41 +172,12 @@ def run_agent(fake: FakeLLM, serve: ServeProcess) -> Any:
     return run
 
 
-def _executable(name: str) -> str:
-    if name == "python":
-        return sys.executable
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"`{name}` is not on PATH; the Vercel AI SDK dialect test needs Node.js 20.6+ and npm",
-                    pytrace=False)
-    return found
-
-
 def _run_agent_process(d: Dialect, fake: FakeLLM, serve: ServeProcess) -> AgentReport:
     if d.command[0] == "node" and not (JS_DIR / "node_modules" / "ai").is_dir():
         pytest.fail(f"the Vercel AI SDK is not installed: run `make test`, or `npm ci` in {JS_DIR}", pytrace=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TRACELOOP_", "LANGFUSE_"))}
-    env.update({
-        "TRACE_SOURCE_OTLP_URL": serve.http_url,
-        "FAKE_LLM_BASE_URL": fake.base_url,
-        "DIALECT_MODEL": d.model,
-        "DIALECT_ERROR_MODEL": d.error_model,
-        "PYTHONUNBUFFERED": "1",
-        **d.env,
-    })
-    cmd = [_executable(d.command[0]), *d.command[1:]]
-    started = time.monotonic()
-    proc = subprocess.run(cmd, env=env, cwd=Path(d.command[1]).parent, capture_output=True, text=True,
-                          timeout=SCRIPT_TIMEOUT_S)
-    seconds = time.monotonic() - started
-    context = (f"{' '.join(cmd)} exited {proc.returncode} after {seconds:.1f}s\nstdout: {proc.stdout[-4000:]}\n"
-               f"stderr: {proc.stderr[-6000:]}\nserve log:\n{serve.log_tail()}")
-    assert proc.returncode == 0, context
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert lines, context
-    out = json.loads(lines[-1])
-    print(f"[{d.key}] agent process {seconds:.2f}s")
-    return AgentReport(d, out["scenarios"], out["span_exports"], out["log_exports"], seconds, proc.stderr)
+    out = run_agent_script(d.command, serve, fake.base_url, model=d.model, error_model=d.error_model, env=d.env,
+                           label=d.key)
+    return AgentReport(d, out.scenarios, out.span_exports, out.log_exports, out.seconds, out.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- run view

@@ -117,3 +117,19 @@ async def test_cancelling_kills_the_attempt_and_forgets_it_so_it_starts_afresh(t
     quick = [PY, "-c", f"open({str(marker)!r}, 'a').write('y\\n')"]
     res = await run_once(quick, cwd=tmp_path, env=env(), timeout_s=30, directory=tmp_path / "a")
     assert res.exit_code == 0 and not res.adopted and count(marker) == 2
+
+
+async def test_a_reused_pid_is_not_mistaken_for_the_attempt(tmp_path):
+    # After a container restart pids start over: process.json may name a pid that now belongs to something else.
+    import json
+    import socket
+
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "process.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                "start_ticks": 1, "started_at": time.time(),
+                                                "deadline": time.time() + 60}))
+    marker = tmp_path / "ran"
+    res = await run_once([PY, "-c", f"open({str(marker)!r}, 'a').write('x\\n')"], cwd=tmp_path, env=env(),
+                         timeout_s=30, directory=d)
+    assert not res.adopted and res.exit_code == 0 and count(marker) == 1

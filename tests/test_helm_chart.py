@@ -6,12 +6,15 @@ Kubernetes 1.31 OpenAPI schemas with ``kubernetes-validate`` (strict: unknown fi
 (KEDA ScaledObject, ServiceMonitor) are checked structurally, the ScaledObject against a strict subset of its CRD
 schema (:data:`SCALED_OBJECT_SCHEMA`).
 
-Components: the receiver (Deployment + Service) and the assembler consumer group (StatefulSet for stable
-``--group-instance-id`` values, headless metrics Service, PDB, optional HPA *or* KEDA ScaledObject, ServiceMonitor).
+Components: the receiver (Deployment + Service), the assembler consumer group (StatefulSet for stable
+``--group-instance-id`` values, headless metrics Service, PDB, optional HPA *or* KEDA ScaledObject, ServiceMonitor),
+and the loop's stage workers (grade, seed, reproduce, fix): one Deployment = one consumer group each, with the same
+optional objects, configured through ``TRACE_SOURCE_<NAME>`` env vars that :class:`LoopSettings` reads.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -25,6 +28,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline.loop_settings import STAGE_FIELDS, LoopSettings, fields_for
 from pipeline.settings import AssemblerSettings
 from trace_source.cli import main
 from trace_source.settings import ServeSettings
@@ -37,6 +41,13 @@ RELEASE, NAMESPACE = "ts", "tracing"
 RECEIVER = "ts-trace-source-receiver"
 ASSEMBLER = "ts-trace-source-assembler"
 BOOTSTRAP = "kafka:9092"
+# The Postgres Secret every render gets unless a test says otherwise: the grade stage is on by default and needs it.
+DB_SECRET = "trace-source-db"
+# The loop's stages (`trace-source worker <stage>`) and the objects the chart names after them.
+STAGES = ("grade", "seed", "reproduce", "fix")
+STAGE_OBJECTS = {"grade": "ts-trace-source-grader", "seed": "ts-trace-source-seeder",
+                 "reproduce": "ts-trace-source-reproducer", "fix": "ts-trace-source-fixer"}
+GRADER = STAGE_OBJECTS["grade"]
 
 HELM_VERSION = "v3.21.4"
 HELM_BIN = Path.home() / ".cache" / "trace-source" / "bin" / "helm"
@@ -77,16 +88,21 @@ def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def template(helm: str, *set_args: str, values: Path | None = None, bootstrap: str | None = BOOTSTRAP,
+             database: str | None = DB_SECRET, chart: Path = CHART,
              check: bool = True) -> subprocess.CompletedProcess[str] | list[dict[str, Any]]:
     """``helm template`` the chart; the rendered objects, or the finished process when ``check`` is False.
 
-    ``bootstrap`` is set with ``--set`` (which beats a values file), unless ``values`` is given or it is None.
+    ``bootstrap`` and ``database`` (loop.database.existingSecret) are set with ``--set`` (which beats a values file),
+    unless ``values`` is given or they are None.
     """
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+    args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
     if values is not None:
         args += ["--values", str(values)]
-    elif bootstrap is not None:
-        args += ["--set", f"kafka.bootstrapServers={bootstrap}"]
+    else:
+        if bootstrap is not None:
+            args += ["--set", f"kafka.bootstrapServers={bootstrap}"]
+        if database is not None:
+            args += ["--set", f"loop.database.existingSecret={database}"]
     for s in set_args:
         args += ["--set", s]
     proc = run_helm(helm, *args)
@@ -117,7 +133,7 @@ def of_component(objects: list[dict[str, Any]], component: str) -> list[dict[str
 
 
 def receiver_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (container,) = named(objects, "Deployment", RECEIVER)["spec"]["template"]["spec"]["containers"]
     return container
 
 
@@ -182,7 +198,8 @@ def test_lint_strict_passes(helm):
     for values in ([], ["--values", str(ALL_ON_VALUES)], ["--set", "assembler.autoscaling.enabled=true"],
                    ["--set", "assembler.enabled=false"]):
         proc = run_helm(helm, "lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART),
-                        "--set", f"kafka.bootstrapServers={BOOTSTRAP}", *values)
+                        "--set", f"kafka.bootstrapServers={BOOTSTRAP}",
+                        "--set", f"loop.database.existingSecret={DB_SECRET}", *values)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "0 chart(s) failed" in proc.stdout
         # helm lint reports a template's `fail` as [INFO] and still passes: treat it as the failure it is.
@@ -212,7 +229,8 @@ def test_schema_settings_cover_every_serve_setting():
 def test_default_render_objects(helm):
     objects = template(helm)
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
-    assert kinds == [("Deployment", RECEIVER), ("PodDisruptionBudget", ASSEMBLER), ("Service", ASSEMBLER),
+    assert kinds == [("Deployment", GRADER), ("Deployment", RECEIVER), ("PodDisruptionBudget", ASSEMBLER),
+                     ("PodDisruptionBudget", GRADER), ("Service", ASSEMBLER), ("Service", GRADER),
                      ("Service", RECEIVER), ("ServiceAccount", "ts-trace-source"), ("StatefulSet", ASSEMBLER)]
     for o in objects:
         assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
@@ -220,8 +238,7 @@ def test_default_render_objects(helm):
 
 def test_env_ports_and_command_are_wired(helm, monkeypatch):
     objects = template(helm)
-    deployment = one(objects, "Deployment")
-    assert deployment["metadata"]["name"] == RECEIVER
+    deployment = named(objects, "Deployment", RECEIVER)
     assert deployment["spec"]["replicas"] == 2
     c = receiver_container(objects)
     assert c["image"] == "ghcr.io/trace-source/trace-source:0.1.0"
@@ -283,7 +300,7 @@ def test_auth_tokens_come_from_existing_secret(helm):
 
 def test_probes_security_and_shutdown(helm):
     objects = template(helm)
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = named(objects, "Deployment", RECEIVER)["spec"]["template"]["spec"]
     c = receiver_container(objects)
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "otlp-http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "otlp-http"}
@@ -338,8 +355,9 @@ def test_hpa_and_pdb_only_when_enabled(helm):
 
 def test_service_monitor_and_topics_job(helm):
     objects = template(helm, values=ALL_ON_VALUES)
-    assert len(by_kind(objects, "ServiceMonitor")) == 2  # one per component
-    for name, port in ((RECEIVER, "otlp-http"), (ASSEMBLER, "metrics")):
+    workers = [(ASSEMBLER, "metrics")] + [(name, "metrics") for name in STAGE_OBJECTS.values()]
+    assert len(by_kind(objects, "ServiceMonitor")) == 6  # one per component: receiver, assembler, four stages
+    for name, port in [(RECEIVER, "otlp-http")] + workers:
         monitor = named(objects, "ServiceMonitor", name)
         service = named(objects, "Service", name)
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -382,11 +400,6 @@ def test_service_monitor_and_topics_job(helm):
 
 
 def test_rendered_core_objects_validate_against_kubernetes_schemas(helm):
-    try:
-        import kubernetes_validate
-    except ImportError:  # pragma: no cover - a setup problem, reported as a failure
-        pytest.fail("kubernetes-validate is missing: pip install kubernetes-validate (it is in the `test` extra)",
-                    pytrace=False)
     renders = [template(helm), template(helm, values=ALL_ON_VALUES),
                template(helm, "receiver.ports.otlp-grpc.enabled=false", "receiver.preStopSleepSeconds=0",
                         "serviceAccount.create=false", "topics.create=true"),
@@ -396,16 +409,28 @@ def test_rendered_core_objects_validate_against_kubernetes_schemas(helm):
                         "assembler.podDisruptionBudget.minAvailable=50%", "artifacts.existingClaim=shared")]
     checked = set()
     for objects in renders:
-        for o in objects:
-            if o["apiVersion"].startswith(("monitoring.coreos.com/", "keda.sh/")):
-                continue  # CRDs: checked structurally (ServiceMonitor) and against SCALED_OBJECT_SCHEMA
-            try:
-                kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{o['kind']} {o['metadata']['name']}: {exc.message} at {list(exc.path)}")
-            checked.add(o["kind"])
+        checked |= validate_core_objects(objects)
     assert checked == {"Deployment", "StatefulSet", "Service", "ServiceAccount", "HorizontalPodAutoscaler",
                        "PodDisruptionBudget", "Job"}
+
+
+def validate_core_objects(objects: list[dict[str, Any]]) -> set[str]:
+    """Validate every core object strictly against the Kubernetes OpenAPI schemas; the kinds validated."""
+    try:
+        import kubernetes_validate
+    except ImportError:  # pragma: no cover - a setup problem, reported as a failure
+        pytest.fail("kubernetes-validate is missing: pip install kubernetes-validate (it is in the `test` extra)",
+                    pytrace=False)
+    checked = set()
+    for o in objects:
+        if o["apiVersion"].startswith(("monitoring.coreos.com/", "keda.sh/")):
+            continue  # CRDs: checked structurally (ServiceMonitor) and against SCALED_OBJECT_SCHEMA
+        try:
+            kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{o['kind']} {o['metadata']['name']}: {exc.message} at {list(exc.path)}")
+        checked.add(o["kind"])
+    return checked
 
 
 # --------------------------------------------------------------------------- assembler consumer group
@@ -588,17 +613,18 @@ def test_assembler_probes_shutdown_and_security(helm):
     assert c["resources"]["limits"]["memory"]
 
 
-async def test_assembler_worker_serves_the_probed_endpoints():
-    """The probe paths are the worker's own: /healthz once its server runs, /readyz 503 until the consumer started."""
+async def test_worker_serves_the_probed_endpoints():
+    """The probe paths are the workers' own (the assembler's and every stage's server, pipeline.health): /healthz once
+    its server runs, /readyz 503 until the consumer started."""
     import aiohttp
 
+    from pipeline.health import start_health_server
     from pipeline.metrics import AssemblerMetrics
-    from pipeline.worker import _metrics_server
 
     class FakeAssembler:
         started = asyncio.Event()
 
-    runner, port = await _metrics_server(AssemblerMetrics(), FakeAssembler(), "127.0.0.1", 0)
+    runner, port = await start_health_server(AssemblerMetrics().registry, FakeAssembler.started.is_set, "127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             async def status(path: str) -> int:
@@ -618,12 +644,12 @@ def test_assembler_off_renders_nothing_of_it(helm):
     objects = template(helm, "assembler.enabled=false", "serviceMonitor.enabled=true")
     assert not of_component(objects, "assembler")
     assert not by_kind(objects, "StatefulSet")
-    assert [o["metadata"]["name"] for o in by_kind(objects, "ServiceMonitor")] == [RECEIVER]
+    assert sorted(o["metadata"]["name"] for o in by_kind(objects, "ServiceMonitor")) == [GRADER, RECEIVER]
     # Its switches are inert while it is off (no exclusivity failure either).
     objects = template(helm, "assembler.enabled=false", "assembler.autoscaling.enabled=true",
                        "assembler.keda.enabled=true")
     assert not of_component(objects, "assembler")
-    assert one(objects, "Deployment")["metadata"]["name"] == RECEIVER
+    assert named(objects, "Deployment", RECEIVER)
 
     objects = template(helm, "assembler.enabled=true", "serviceMonitor.enabled=true")
     assert {o["kind"] for o in of_component(objects, "assembler")} == {
@@ -701,9 +727,9 @@ def test_scaled_object_matches_crd_schema(helm):
                         "assembler.keda.allowIdleConsumers=true", "assembler.keda.extraTriggerMetadata.sasl=plaintext",
                         "assembler.keda.extraTriggerMetadata.partitionLimitation=1-3")]
     for objects in renders:
-        so = one(objects, "ScaledObject")
-        jsonschema.validate(so, SCALED_OBJECT_SCHEMA)
-    so = one(renders[0], "ScaledObject")
+        for so in by_kind(objects, "ScaledObject"):
+            jsonschema.validate(so, SCALED_OBJECT_SCHEMA)
+    so = named(renders[0], "ScaledObject", ASSEMBLER)
     (trigger,) = so["spec"]["triggers"]
     assert trigger["metadata"]["lagThreshold"] == "5000" and trigger["metadata"]["activationLagThreshold"] == "10"
     assert trigger["metadata"]["version"] == "3.9.0"
@@ -751,3 +777,428 @@ def test_chart_sets_every_chart_managed_assembler_setting(helm):
     env = expand_downward_api(assembler_container(template(helm))["env"], f"{ASSEMBLER}-0", NAMESPACE)
     set_by_chart = {n.removeprefix(ASSEMBLER_ENV).lower() for n in env if n.startswith(ASSEMBLER_ENV)}
     assert set_by_chart == ASSEMBLER_CHART_MANAGED
+
+
+# --------------------------------------------------------------------------- the loop's stage workers
+
+# LoopSettings fields the chart sets on every stage worker from dedicated values (loop.*, kafka.*, the stage's
+# metrics address and shutdown grace, the artifacts mount, the scratch volume).
+LOOP_CHART_SET = {"consumer_group", "kafka_bootstrap_servers", "state_dir", "artifact_dir", "execution_policy",
+                  "allow_external_execution", "repo", "traces_topic", "grades_topic", "seeds_topic",
+                  "reproductions_topic", "fixes_topic", "dlq_topic", "shutdown_grace_s", "metrics_host",
+                  "metrics_port"}
+# Fields naming the variables that hold credentials: left at their defaults, the variables the chart fills from
+# Secrets (loop.database, loop.judge.apiKeySecret, loop.forge.tokenSecret).
+LOOP_SECRET_VARS = {"database_url_env": "TRACE_SOURCE_DATABASE_URL", "judge_api_key_env": "TRACE_SOURCE_JUDGE_API_KEY",
+                    "forge_token_env": "TRACE_SOURCE_FORGE_TOKEN"}
+# Not offered: claim-checked envelopes are always read from the one artifact store; a Deployment's pod names change
+# on every restart, so a static group.instance.id from them would not survive one.
+LOOP_NOT_OFFERED = {"envelope_store_dir", "group_instance_id"}
+LOOP_REPOSITORY = "https://git.example.com/acme/support-agent.git"
+
+
+def enable_stage(stage: str) -> list[str]:
+    """--set arguments that enable ``stage`` with what it needs besides the database Secret."""
+    args = [f"stages.{stage}.enabled=true"]
+    if stage != "grade":
+        args += [f"loop.repository={LOOP_REPOSITORY}", "artifacts.existingClaim=shared"]
+    return args
+
+
+def stage_container(objects: list[dict[str, Any]], stage: str) -> dict[str, Any]:
+    (container,) = named(objects, "Deployment", STAGE_OBJECTS[stage])["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def loop_settings_from_env(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> LoopSettings:
+    """What ``trace-source worker <stage>`` makes of the rendered env (flags unset, so env and defaults). A variable
+    from a Secret gets the placeholder ``secret:<name>/<key>``."""
+    for name in os.environ:
+        if name.startswith("TRACE_SOURCE_"):
+            monkeypatch.delenv(name)
+    for e in container["env"]:
+        if "value" in e:
+            monkeypatch.setenv(e["name"], e["value"])
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            monkeypatch.setenv(e["name"], f"secret:{ref['name']}/{ref['key']}")
+    return LoopSettings()
+
+
+def product_stage(stage: str) -> tuple[str, str]:
+    """(consumer group, the LoopSettings field of its input topic) as ``pipeline/stages/<stage>.py`` defines them,
+    read from its source: the chart must agree with the product without importing every stage's dependencies."""
+    tree = ast.parse((REPO / "pipeline" / "stages" / f"{stage}.py").read_text())
+    group = input_field = None
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Assign):
+            continue
+        for target in node.targets:
+            if isinstance(target, ast.Name) and target.id == "GROUP_ID":
+                group = node.value.value
+            if (isinstance(target, ast.Attribute) and target.attr == "input_topic"
+                    and isinstance(node.value, ast.Attribute)):
+                input_field = node.value.attr
+    assert group and input_field, f"pipeline/stages/{stage}.py: GROUP_ID or input_topic not found"
+    return group, input_field
+
+
+def assert_env_is_worker_settings(container: dict[str, Any], stage: str) -> None:
+    """Every TRACE_SOURCE_* variable is a `worker <stage>` setting (a flag of its --help) or a variable one of them
+    names; no variable is set twice; every value is a string or a Secret reference."""
+    names = [e["name"] for e in container["env"]]
+    assert len(names) == len(set(names)), f"duplicate env vars: {names}"
+    help_text = CliRunner().invoke(main, ["worker", stage, "--help"], terminal_width=200).output
+    fields = set(fields_for(stage=stage))
+    for e in container["env"]:
+        assert isinstance(e.get("value", ""), str)
+        if not e["name"].startswith("TRACE_SOURCE_") or e["name"] in LOOP_SECRET_VARS.values():
+            continue
+        field = e["name"].removeprefix("TRACE_SOURCE_").lower()
+        assert field in fields, f"{e['name']} is not a `worker {stage}` setting"
+        assert "--" + field.replace("_", "-") in help_text, f"{field} missing from `worker {stage} --help`"
+
+
+def test_grade_stage_is_on_by_default_with_the_database_secret(helm, monkeypatch):
+    objects = template(helm)
+    deployment = named(objects, "Deployment", GRADER)
+    assert deployment["spec"]["replicas"] == 2
+    assert not [o for o in objects if o["metadata"]["name"] in set(STAGE_OBJECTS.values()) - {GRADER}]
+    c = stage_container(objects, "grade")
+    assert c["command"] == ["trace-source"] and c["args"] == ["worker", "grade"]
+    assert c["image"] == receiver_container(objects)["image"]
+    raw = {e["name"]: e for e in c["env"]}
+    # The database URL only by reference, from the Secret, in the variable the worker reads by default.
+    assert raw["TRACE_SOURCE_DATABASE_URL"] == {
+        "name": "TRACE_SOURCE_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": DB_SECRET, "key": "url"}}}
+    assert not {"TRACE_SOURCE_JUDGE_API_KEY", "TRACE_SOURCE_FORGE_TOKEN", "TRACE_SOURCE_OTLP_ENDPOINT"} & set(raw)
+    assert_env_is_worker_settings(c, "grade")
+
+    settings = loop_settings_from_env(c, monkeypatch)
+    assert settings.database_url() == f"secret:{DB_SECRET}/url"
+    assert settings.kafka_bootstrap_servers == BOOTSTRAP
+    assert (settings.execution_policy, settings.allow_external_execution, settings.repo) == ("fix", False, None)
+    assert (settings.traces_topic, settings.grades_topic, settings.dlq_topic) == (
+        "trace-source.traces", "trace-source.grades", "trace-source.dlq")
+    assert (settings.metrics_host, settings.metrics_port, settings.shutdown_grace_s) == ("0.0.0.0", 9465, 30.0)
+    # Claim-checked envelopes are read from the store the assembler writes them to; the state dir and HOME are on
+    # the scratch volume, not on the read-only root filesystem.
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assembler_mounts = {m["name"]: m["mountPath"] for m in assembler_container(objects)["volumeMounts"]}
+    assert str(settings.artifact_root) == str(settings.envelope_root) == mounts["artifacts"] == assembler_mounts[
+        "artifacts"]
+    assert str(settings.state_dir).startswith(mounts["scratch"] + "/")
+    assert raw["HOME"]["value"] == mounts["scratch"] and mounts["tmp"] == "/tmp"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("metrics", 9465)]
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["terminationGracePeriodSeconds"] > settings.shutdown_grace_s
+
+    # Its metrics Service and PDB select exactly its pods.
+    service = named(objects, "Service", GRADER)
+    assert service["spec"]["clusterIP"] == "None"
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [("metrics", 9465, "metrics")]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"] == selector == named(objects, "PodDisruptionBudget", GRADER)["spec"][
+        "selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    for other in (named(objects, "Deployment", RECEIVER), one(objects, "StatefulSet")):
+        assert not selector.items() <= other["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_stage_without_database_secret_fails_with_the_message(helm):
+    for extra in ((), ("loop.database.existingSecret=",)):
+        proc = template(helm, *extra, database=None, check=False)
+        assert proc.returncode != 0, proc.stdout
+        assert "loop.database.existingSecret is required while stages.grade is enabled" in proc.stderr, proc.stderr
+        assert "kubectl create secret generic" in proc.stderr and "stages.grade.enabled=false" in proc.stderr
+    proc = template(helm, "stages.grade.enabled=false", *enable_stage("seed"), "loop.executionPolicy=reproduce",
+                    database=None, check=False)
+    assert proc.returncode != 0
+    assert "loop.database.existingSecret is required while stages.seed is enabled" in proc.stderr, proc.stderr
+
+    # With every stage off nothing needs the database, and nothing of the stages is rendered.
+    objects = template(helm, "stages.grade.enabled=false", database=None)
+    assert not [o for component in ("grader", "seeder", "reproducer", "fixer")
+                for o in of_component(objects, component)]
+    assert {o["metadata"]["name"] for o in by_kind(objects, "Deployment")} == {RECEIVER}
+
+
+def test_stage_requirements_fail_rendering(helm):
+    cases = [
+        ((*enable_stage("reproduce"), "loop.executionPolicy=grade"),
+         "stages.reproduce is enabled but loop.executionPolicy=grade never reaches the reproduce phase"),
+        ((*enable_stage("fix"), "loop.executionPolicy=reproduce"),
+         "stages.fix is enabled but loop.executionPolicy=reproduce never reaches the fix phase"),
+        (("stages.seed.enabled=true", "artifacts.existingClaim=shared"), "stages.seed needs loop.repository"),
+        (("stages.reproduce.enabled=true", f"loop.repository={LOOP_REPOSITORY}"),
+         "stages.reproduce needs artifacts.existingClaim"),
+        (("stages.grade.terminationGracePeriodSeconds=30",),
+         "stages.grade.terminationGracePeriodSeconds (30) must exceed stages.grade.shutdownGraceSeconds (30)"),
+        ((*enable_stage("fix"), "stages.fix.image.repository=acme/runner"),
+         "stages.fix.image.repository is set: give stages.fix.image.tag or stages.fix.image.digest too"),
+    ]
+    for args, message in cases:
+        proc = template(helm, *args, check=False)
+        assert proc.returncode != 0, f"{args} rendered"
+        assert message in proc.stderr, proc.stderr
+    # The grade stage journals every import, so it runs under any policy, observe included.
+    assert named(template(helm, "loop.executionPolicy=observe"), "Deployment", GRADER)
+    objects = template(helm, *enable_stage("seed"), "loop.executionPolicy=reproduce")
+    assert named(objects, "Deployment", STAGE_OBJECTS["seed"])
+
+
+def test_stage_hpa_and_keda_are_mutually_exclusive(helm, monkeypatch):
+    for stage in STAGES:
+        proc = template(helm, *enable_stage(stage), f"stages.{stage}.autoscaling.enabled=true",
+                        f"stages.{stage}.keda.enabled=true", check=False)
+        assert proc.returncode != 0, proc.stdout
+        assert (f"stages.{stage}.autoscaling.enabled and stages.{stage}.keda.enabled are mutually exclusive"
+                in proc.stderr), proc.stderr
+
+    # Chart HPA on the grade Deployment: it owns the replica count; maxReplicas defaults to the partition count.
+    objects = template(helm, "stages.grade.autoscaling.enabled=true", "topics.partitions=24")
+    hpa = one(objects, "HorizontalPodAutoscaler")
+    assert hpa["metadata"]["name"] == GRADER
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": GRADER}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 24)
+    assert "replicas" not in named(objects, "Deployment", GRADER)["spec"]
+    assert not by_kind(objects, "ScaledObject")
+    proc = template(helm, "stages.grade.autoscaling.enabled=true", "stages.grade.autoscaling.maxReplicas=1",
+                    check=False)
+    assert proc.returncode != 0 and "stages.grade.autoscaling: minReplicas (2) exceeds maxReplicas (1" in proc.stderr
+
+    # KEDA on each stage: the lag of the group its pods join, on the topic they read (renamed topics included).
+    for stage in STAGES:
+        objects = template(helm, *enable_stage(stage), f"stages.{stage}.keda.enabled=true",
+                           "loop.executionPolicy=fix", "loop.topics.seeds=acme.seeds", "kafka.tracesTopic=acme.traces")
+        assert not by_kind(objects, "HorizontalPodAutoscaler")
+        so = named(objects, "ScaledObject", STAGE_OBJECTS[stage])
+        assert so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                "name": STAGE_OBJECTS[stage]}
+        assert "replicas" not in named(objects, "Deployment", STAGE_OBJECTS[stage])["spec"]
+        (trigger,) = so["spec"]["triggers"]
+        group, input_field = product_stage(stage)
+        settings = loop_settings_from_env(stage_container(objects, stage), monkeypatch)
+        assert trigger["type"] == "kafka"
+        # The chart's default group is the product's own, and the one the trigger measures is the one pods join.
+        assert trigger["metadata"]["consumerGroup"] == settings.consumer_group == group
+        assert trigger["metadata"]["topic"] == getattr(settings, input_field)
+        assert trigger["metadata"]["topic"] == {"grade": "acme.traces", "reproduce": "acme.seeds"}.get(
+            stage, LoopSettings.model_fields[input_field].default)
+        assert trigger["metadata"]["bootstrapServers"] == settings.kafka_bootstrap_servers
+        assert trigger["metadata"]["offsetResetPolicy"] == "earliest"  # the workers' auto_offset_reset
+        import jsonschema
+
+        jsonschema.validate(so, SCALED_OBJECT_SCHEMA)
+    assert trigger["metadata"]["topic"] == "trace-source.reproductions"  # fix reads the reproductions
+    # Another group (e.g. a second release on the same cluster): the pods and the trigger follow it.
+    objects = template(helm, *enable_stage("reproduce"), "stages.reproduce.keda.enabled=true",
+                       "stages.reproduce.groupId=acme-reproducer")
+    (trigger,) = named(objects, "ScaledObject", STAGE_OBJECTS["reproduce"])["spec"]["triggers"]
+    settings = loop_settings_from_env(stage_container(objects, "reproduce"), monkeypatch)
+    assert trigger["metadata"]["consumerGroup"] == settings.consumer_group == "acme-reproducer"
+    assert env_of(stage_container(objects, "grade"))["TRACE_SOURCE_CONSUMER_GROUP"] == "trace-source-grader"
+
+
+def test_stage_settings_become_env_vars(helm, monkeypatch, tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({
+        "kafka": {"bootstrapServers": BOOTSTRAP},
+        "artifacts": {"existingClaim": "shared"},
+        "loop": {"database": {"existingSecret": DB_SECRET}, "repository": "/srv/agent",
+                 "executionPolicy": "reproduce",
+                 "settings": {"lease_s": 90, "log_level": "debug", "max_message_bytes": 134217728,
+                              "repository": "acme/agent"}},
+        "stages": {
+            "grade": {"settings": {"log_level": "warning", "judge_model": "gpt-x", "judge_timeout_s": 2.5,
+                                   "judge_base_url": "http://judge:8000/v1"}},
+            "seed": {"enabled": True, "settings": {"topic_partitions": None, "contract_dir": "archal"}},
+            "reproduce": {"enabled": True, "settings": {"attempts": 5, "pass_env": ["OPENAI_API_KEY", "HTTP_PROXY"],
+                                                        "otlp_endpoint": "http://collector:4318"}},
+        },
+    }))
+    objects = template(helm, values=values)
+    env = {stage: env_of(stage_container(objects, stage)) for stage in ("grade", "seed", "reproduce")}
+    for stage in env:
+        assert_env_is_worker_settings(stage_container(objects, stage), stage)
+        assert env[stage]["TRACE_SOURCE_LEASE_S"] == "90"  # loop-wide
+        assert env[stage]["TRACE_SOURCE_MAX_MESSAGE_BYTES"] == "134217728"  # not 1.34217728e+08
+        assert env[stage]["TRACE_SOURCE_REPO"] == "/srv/agent"
+    assert env["grade"]["TRACE_SOURCE_LOG_LEVEL"] == "warning"  # the stage's own setting wins
+    assert env["seed"]["TRACE_SOURCE_LOG_LEVEL"] == "debug"
+    assert "TRACE_SOURCE_TOPIC_PARTITIONS" not in env["seed"]  # null = the product's default
+    assert env["reproduce"]["TRACE_SOURCE_PASS_ENV"] == "OPENAI_API_KEY,HTTP_PROXY"
+    # The chart's default endpoint for the harness yields to the stage's own.
+    assert env["reproduce"]["TRACE_SOURCE_OTLP_ENDPOINT"] == "http://collector:4318"
+    # Chart defaults of the reproduce stage: one reproduction per poll, and a poll interval longer than it.
+    assert env["reproduce"]["TRACE_SOURCE_POLL_MAX_RECORDS"] == "1"
+    assert env["reproduce"]["TRACE_SOURCE_MAX_POLL_INTERVAL_S"] == "7200"
+
+    grade = loop_settings_from_env(stage_container(objects, "grade"), monkeypatch)
+    assert (grade.lease_s, grade.log_level, grade.judge_model, grade.judge_timeout_s) == (90.0, "warning", "gpt-x", 2.5)
+    assert grade.judge_configured() and grade.repository == "acme/agent" and grade.execution_policy == "reproduce"
+    seed = loop_settings_from_env(stage_container(objects, "seed"), monkeypatch)
+    assert (seed.log_level, seed.contract_dir, seed.topic_partitions, seed.repo) == ("debug", "archal", None,
+                                                                                     "/srv/agent")
+    reproduce = loop_settings_from_env(stage_container(objects, "reproduce"), monkeypatch)
+    assert reproduce.attempts == 5 and reproduce.pass_env_names() == ["OPENAI_API_KEY", "HTTP_PROXY"]
+    assert (reproduce.poll_max_records, reproduce.max_poll_interval_s) == (1, 7200.0)
+    assert reproduce.max_message_bytes == 134217728 and reproduce.otlp_endpoint == "http://collector:4318"
+
+
+def test_stage_schema_rejects_unknown_chart_managed_and_other_stages_keys(helm):
+    for bad in ("stages.grade.settings.attempts=3", "stages.seed.settings.judge_model=x",
+                "stages.reproduce.settings.fix_command=x", "loop.settings.attempts=3", "loop.settings.judge_model=x",
+                "stages.fix.settings.forge_token_env=X", "stages.grade.settings.database_url_env=X",
+                "stages.grade.settings.judge_api_key_env=X", "stages.grade.settings.group_instance_id=x",
+                "stages.grade.settings.envelope_store_dir=/x", "stages.grade.settings.kafka_bootstrap_servers=x",
+                "stages.grade.settings.metrics_port=1", "stages.grade.settings.execution_policy=grade",
+                "stages.seed.settings.repo=/x", "stages.seed.settings.state_dir=/x",
+                "stages.seed.settings.grades_topic=x", "stages.grade.settings.in_process_stages=false",
+                "stages.reproduce.settings.attempts=0", "stages.reproduce.settings.work_dir=relative",
+                "stages.fix.settings.forge=bitbucket", "stages.grade.settings.no_such_setting=1",
+                "stages.grade.unknown=1", "stages.grade.groupId=", "stages.grade.groupId=a group",
+                "stages.grade.settings.consumer_group=x", "stages.assemble.enabled=true",
+                "stages.grade.replicaCount=two", "stages.grade.keda.lagThreshold=0", "stages.grade.keda.unknown=1",
+                "stages.grade.keda.extraTriggerMetadata.consumerGroup=x", "stages.fix.image.digest=latest",
+                "stages.fix.image.unknown=x", "stages.grade.podDisruptionBudget.unknown=1", "loop.unknown=1",
+                "loop.executionPolicy=everything", "loop.judge.apiKeySecret.unknown=x", "loop.topics.grades=",
+                "loop.forge.unknown=x"):
+        proc = template(helm, bad, check=False)
+        assert proc.returncode != 0, f"{bad} was accepted"
+        assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+
+
+def test_schema_stage_settings_cover_every_loop_setting():
+    """A new LoopSettings field must be offered under stages.<stage>.settings (and loop.settings when every stage
+    has it) or deliberately set or excluded by the chart."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    managed = LOOP_CHART_SET | set(LOOP_SECRET_VARS) | LOOP_NOT_OFFERED
+    for stage in STAGES:
+        offered = set(schema["$defs"][f"{stage}Settings"]["properties"])
+        fields = set(fields_for(stage=stage))
+        assert offered | (managed & fields) == fields, f"chart and `worker {stage}` settings disagree"
+        assert not offered & managed
+    shared = set(schema["$defs"]["loopSharedSettings"]["properties"])
+    assert shared == set(fields_for(stage="grade")) - set(STAGE_FIELDS) - managed
+    # The variables the chart fills from Secrets are the ones the workers read by default.
+    for field, var in LOOP_SECRET_VARS.items():
+        assert LoopSettings.model_fields[field].default == var
+
+
+def test_stage_image_override(helm):
+    digest = "sha256:" + "ab" * 32
+    objects = template(helm, *enable_stage("reproduce"), *enable_stage("fix"), "stages.seed.enabled=true",
+                       "stages.reproduce.image.repository=registry.example.com/acme/runner",
+                       "stages.reproduce.image.tag=1.2", "stages.reproduce.image.pullPolicy=Always",
+                       "stages.fix.image.repository=registry.example.com/acme/runner",
+                       "stages.fix.image.tag=ignored", f"stages.fix.image.digest={digest}")
+    chart_image = receiver_container(objects)["image"]
+    assert chart_image == "ghcr.io/trace-source/trace-source:0.1.0"
+    reproduce = stage_container(objects, "reproduce")
+    assert reproduce["image"] == "registry.example.com/acme/runner:1.2"
+    assert reproduce["imagePullPolicy"] == "Always"
+    fix = stage_container(objects, "fix")
+    assert fix["image"] == f"registry.example.com/acme/runner@{digest}"  # the digest wins over the tag
+    assert fix["imagePullPolicy"] == "IfNotPresent"  # image.pullPolicy
+    for stage in ("grade", "seed"):
+        assert stage_container(objects, stage)["image"] == chart_image
+    assert assembler_container(objects)["image"] == chart_image
+    # The override is the stage's alone; the command stays the product's.
+    assert reproduce["args"] == ["worker", "reproduce"] and fix["args"] == ["worker", "fix"]
+
+
+def test_all_four_stages_render_and_validate(helm, monkeypatch):
+    import jsonschema
+
+    objects = template(helm, values=ALL_ON_VALUES)
+    assert validate_core_objects(objects) >= {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+    for so in by_kind(objects, "ScaledObject"):
+        jsonschema.validate(so, SCALED_OBJECT_SCHEMA)
+    receiver_service = named(objects, "Service", RECEIVER)
+    http_port = next(p["port"] for p in receiver_service["spec"]["ports"] if p["name"] == "otlp-http")
+    claim = {"name": "artifacts", "persistentVolumeClaim": {"claimName": "trace-source-artifacts"}}
+    assembler_volumes = one(objects, "StatefulSet")["spec"]["template"]["spec"]["volumes"]
+    assert claim in assembler_volumes
+
+    for stage, name in STAGE_OBJECTS.items():
+        deployment = named(objects, "Deployment", name)
+        pod = deployment["spec"]["template"]["spec"]
+        c = stage_container(objects, stage)
+        assert c["args"] == ["worker", stage]
+        assert_env_is_worker_settings(c, stage)
+        settings = loop_settings_from_env(c, monkeypatch)
+        assert settings.database_url() == "secret:trace-source-db/url"
+        assert (settings.execution_policy, settings.allow_external_execution) == ("fix", True)
+        assert settings.repo == "https://git.example.com/acme/support-agent.git"
+        assert settings.repository == "acme/support-agent" and settings.lease_s == 120.0
+        assert pod["terminationGracePeriodSeconds"] > settings.shutdown_grace_s
+        # Every stage reads and writes the one shared store (the assembler's claim checks, each other's files).
+        assert claim in pod["volumes"]
+        # Credentials only where they are used.
+        env = env_of(c)
+        assert ("TRACE_SOURCE_JUDGE_API_KEY" in env) == (stage == "grade")
+        assert ("TRACE_SOURCE_FORGE_TOKEN" in env) == (stage == "fix")
+        # Harness attempts (reproduce, and the fix's proof) export their traces to this release's receiver.
+        if stage in ("reproduce", "fix"):
+            assert settings.otlp_endpoint == f"http://{RECEIVER}.{NAMESPACE}.svc:{http_port}"
+            assert settings.shutdown_grace_s >= 600  # long work in progress gets long to finish
+            assert settings.poll_max_records == 1
+        else:
+            assert settings.otlp_endpoint is None
+        service = named(objects, "Service", name)
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        assert named(objects, "ServiceMonitor", name)["spec"]["endpoints"][0]["port"] == "metrics"
+        assert named(objects, "PodDisruptionBudget", name)["spec"]["selector"] == deployment["spec"]["selector"]
+    assert env_of(stage_container(objects, "grade"))["TRACE_SOURCE_JUDGE_API_KEY"] == {
+        "secretKeyRef": {"name": "trace-source-judge", "key": "api-key"}}
+    assert env_of(stage_container(objects, "fix"))["TRACE_SOURCE_FORGE_TOKEN"] == {
+        "secretKeyRef": {"name": "trace-source-forge", "key": "gitea-token"}}
+    assert env_of(stage_container(objects, "reproduce"))["TRACE_SOURCE_PASS_ENV"] == (
+        "OPENAI_API_KEY,OTEL_EXPORTER_OTLP_HEADERS")
+    assert stage_container(objects, "reproduce")["envFrom"] == [{"secretRef": {"name": "support-agent-keys"}}]
+    # Scaling as the values file says: KEDA for grade and reproduce, the chart HPA for seed, a fixed count for fix.
+    assert sorted(o["metadata"]["name"] for o in by_kind(objects, "ScaledObject")) == sorted(
+        [ASSEMBLER, STAGE_OBJECTS["grade"], STAGE_OBJECTS["reproduce"]])
+    assert sorted(o["metadata"]["name"] for o in by_kind(objects, "HorizontalPodAutoscaler")) == [
+        RECEIVER, STAGE_OBJECTS["seed"]]
+    assert named(objects, "Deployment", STAGE_OBJECTS["fix"])["spec"]["replicas"] == 1
+
+
+def render_notes(helm: str, tmp_path: Path, *set_args: str, values: Path | None = None) -> str:
+    """NOTES.txt as `helm install` prints it: a copy of the chart renders it as a ConfigMap (helm template skips
+    NOTES.txt)."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "notes-under-test.yaml").write_text(
+        '{{- define "notesUnderTest" }}\n' + notes + '\n{{- end }}\n'
+        'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes, labels: {}}\n'
+        'data: {notes: {{ include "notesUnderTest" . | toJson }}}\n')
+    objects = template(helm, *set_args, values=values, chart=chart)
+    return named(objects, "ConfigMap", "notes")["data"]["notes"]
+
+
+def test_notes_mention_the_stages(helm, tmp_path):
+    notes = render_notes(helm, tmp_path / "all", values=ALL_ON_VALUES)
+    for stage, name in STAGE_OBJECTS.items():
+        group, _ = product_stage(stage)
+        assert f"{name} (group {group})" in notes
+    assert "trace-source.seeds -> trace-source.reproductions" in notes
+    assert "image registry.example.com/acme/support-agent-runner:2024.06" in notes
+    assert "Build one FROM ghcr.io/trace-source/trace-source:0.1.0" in notes
+    assert f"exec deploy/{GRADER} -- trace-source status" in notes
+    assert "WARNING: stages.fix is enabled" not in notes
+
+    notes = render_notes(helm, tmp_path / "fix", *enable_stage("fix"), "auth.existingSecret=agents")
+    assert "WARNING: stages.fix is enabled but loop.allowExternalExecution is false" in notes
+    assert "Receiver authentication is on: give the harness OTEL_EXPORTER_OTLP_HEADERS" in notes
+    notes = render_notes(helm, tmp_path / "off", "stages.grade.enabled=false")
+    assert "No loop stage is enabled" in notes

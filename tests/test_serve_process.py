@@ -9,7 +9,6 @@ import requests
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 
 from bench.payloads import make_genai_request
-from sinks.base import SPANS_TOPIC
 from sinks.local_log import LocalLogReader
 from tests.serve_proc import ServeProcess
 
@@ -18,8 +17,7 @@ PB = {"Content-Type": "application/x-protobuf"}
 
 def _landed_span_ids(state_dir: Path) -> list[bytes]:
     with LocalLogReader(state_dir / "spans.db") as reader:
-        # Only the spans topic: the embedded assembler writes envelopes to the same log once traces go quiet.
-        return [sp.span_id for rec in reader.read(0, 1_000_000, topic=SPANS_TOPIC)
+        return [sp.span_id for rec in reader.read(0, 1_000_000, topic="trace-source.spans")
                 for rs in TracesData.FromString(rec.value).resource_spans for ss in rs.scope_spans for sp in ss.spans]
 
 

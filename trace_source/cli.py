@@ -168,7 +168,7 @@ def serve(config: Path | None, **flags) -> None:
 
     configure(settings.log_level, settings.log_format)
     try:
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, loop_settings=loop_settings))
     except (OSError, TlsConfigError, SinkUnavailable, KafkaError, LedgerError, JournalError) as exc:  # start-up
         raise click.ClickException(f"cannot start: {exc}") from None
 

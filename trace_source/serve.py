@@ -70,8 +70,28 @@ async def _start_embedded_assembler(settings: ServeSettings, metrics: ReceiverMe
     return assembler
 
 
-async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT."""
+async def _start_embedded_loop(settings: ServeSettings, loop_settings, metrics: ReceiverMetrics, http_port: int):
+    """Embedded default: the loop's stages in-process after the assembler (``EmbeddedLoop``), unless
+    ``--no-in-process-stages`` (then ``trace-source worker <stage>`` processes do the work). The harness of a
+    reproduction exports its traces back to this serve, unless ``--otlp-endpoint`` names another receiver."""
+    if settings.kafka_bootstrap_servers or loop_settings is None or not loop_settings.in_process_stages:
+        return None
+    from pipeline.stage_worker import EmbeddedLoop
+
+    if not loop_settings.otlp_endpoint:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        # With TLS the harness must also trust the certificate: OTEL_EXPORTER_OTLP_CERTIFICATE via --pass-env.
+        scheme = "https" if settings.tls_cert_file is not None else "http"
+        loop_settings = loop_settings.model_copy(update={"otlp_endpoint": f"{scheme}://{host}:{http_port}"})
+    loop = EmbeddedLoop(loop_settings, metrics.registry)
+    await loop.start()
+    return loop
+
+
+async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loop_settings=None) -> None:
+    """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT. ``loop_settings``: a
+    :class:`pipeline.loop_settings.LoopSettings` for the embedded default's in-process stages (``None``: the
+    receiver and assembler only)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,11 +147,25 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> Non
         await grpc_server.start()
     watcher = asyncio.create_task(tls.watch(), name="tls-reload") if tls else None
 
+    try:
+        stages = await _start_embedded_loop(settings, loop_settings, metrics, http_port)
+    except BaseException:
+        listener.close()
+        if watcher is not None:
+            watcher.cancel()
+        await asyncio.gather(runner.cleanup(), *([grpc_server.stop(0)] if grpc_server is not None else []))
+        if assembler is not None:
+            await assembler.stop()
+        await sink.stop()
+        raise
+
     # One machine-readable line tests and scripts wait for; humans read the same fields.
     scheme = "https" if tls else "http"
     log.info("serving", http=f"{scheme}://{settings.host}:{http_port}", grpc=(
         f"{settings.host}:{grpc_port}" if grpc_port else None), sink=sink.describe(), auth=auth.enabled,
-        http_port=http_port, grpc_port=grpc_port, tls=tls is not None, mtls=bool(tls and tls.mtls))
+        http_port=http_port, grpc_port=grpc_port, tls=tls is not None, mtls=bool(tls and tls.mtls),
+        stages=stages.names if stages is not None else [],
+        policy=loop_settings.execution_policy if loop_settings is not None else None)
     try:
         await stop.wait()
     finally:
@@ -143,6 +177,8 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None) -> Non
         # Both servers stop accepting at once and drain their in-flight requests concurrently.
         await asyncio.gather(runner.cleanup(), *(
             [grpc_server.stop(settings.shutdown_grace_s)] if grpc_server is not None else []))
+        if stages is not None:
+            await stages.stop()
         if assembler is not None:
             await assembler.stop()
         await sink.stop()

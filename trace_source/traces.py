@@ -98,9 +98,45 @@ def _excerpt(text: str | None, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def summary(env: Envelope) -> dict:
+def load_verdicts(state_dir: Path, database_url_env: str = "TRACE_SOURCE_DATABASE_URL") -> dict:
+    """Trace id -> (envelope key, verdict, category) of its latest grade, from the journal (the Postgres one when
+    the variable named ``database_url_env`` is set, else ``<state_dir>/runs.jsonl``); ``{}`` when there is none."""
+    import os
+
+    from pipeline.journal import JournalError, open_journal
+    from pipeline.journal.projection import verdicts
+
+    journal = open_journal(os.environ.get(database_url_env) or None, state_dir)
+
+    async def read():
+        await journal.start()
+        try:
+            return await journal.events()
+        finally:
+            await journal.close()
+
+    try:
+        return verdicts(asyncio.run(read()))
+    except (JournalError, OSError):
+        return {}
+
+
+def verdict_of(env: Envelope, verdicts: dict) -> str:
+    """The grade of this envelope version: ``failed`` / ``passed`` / ``inconclusive``; ``pending`` while its
+    latest grade is of another version; ``-`` when it was never graded."""
+    found = verdicts.get(env.trace_id)
+    if found is None:
+        return "-"
+    key, verdict, _ = found
+    return verdict if key == env.idempotency_key else "pending"
+
+
+def summary(env: Envelope, verdicts: dict | None = None) -> dict:
     run = env.agent_run
+    found = (verdicts or {}).get(env.trace_id)
     return {"trace_id": env.trace_id, "agent": run.agent_name, "task": _excerpt(run.task_input, 200),
+            "verdict": verdict_of(env, verdicts or {}),
+            "category": found[2] if found and found[0] == env.idempotency_key else None,
             "status": status_of(env), "llm_calls": len(run.llm_calls), "tool_calls": len(run.tool_calls),
             "errors": len(run.errors), "version": env.envelope_version,
             "closed_reason": env.completeness.closed_reason, "spans": len(env.spans),
@@ -109,15 +145,18 @@ def summary(env: Envelope) -> dict:
 
 def list_traces(*, limit: int, as_json: bool, **source) -> str:
     envs = load_envelopes(limit=limit, **source)
+    verdicts = load_verdicts(source["state_dir"])
     if as_json:
-        return "".join(json.dumps(summary(e)) + "\n" for e in envs)
-    header = f"{'TRACE ID':32}  {'AGENT':16}  {'TASK':40}  {'STATUS':7}  {'LLM':>4}  {'TOOLS':>5}  {'ERRORS':>6}  CLOSED"
+        return "".join(json.dumps(summary(e, verdicts)) + "\n" for e in envs)
+    header = (f"{'TRACE ID':32}  {'AGENT':16}  {'TASK':36}  {'STATUS':7}  {'VERDICT':12}  {'LLM':>4}  {'TOOLS':>5}  "
+              f"{'ERRORS':>6}  CLOSED")
     rows = [header]
     for e in envs:
-        s = summary(e)
+        s = summary(e, verdicts)
         closed = s["closed_reason"] + ("" if s["version"] == 1 else f" (v{s['version']})")
-        rows.append(f"{s['trace_id']:32}  {_excerpt(s['agent'] or '-', 16):16}  {_excerpt(s['task'] or '-', 40):40}  "
-                    f"{s['status']:7}  {s['llm_calls']:>4}  {s['tool_calls']:>5}  {s['errors']:>6}  {closed}")
+        rows.append(f"{s['trace_id']:32}  {_excerpt(s['agent'] or '-', 16):16}  {_excerpt(s['task'] or '-', 36):36}  "
+                    f"{s['status']:7}  {s['verdict']:12}  {s['llm_calls']:>4}  {s['tool_calls']:>5}  {s['errors']:>6}  "
+                    f"{closed}")
     if not envs:
         rows.append("(no traces yet)")
     return "\n".join(rows) + "\n"

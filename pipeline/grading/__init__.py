@@ -7,6 +7,12 @@
 * :mod:`pipeline.grading.judge` — the optional LLM judge (an OpenAI-compatible chat endpoint, or a command) for
   what the rules cannot decide; never blocks a grade.
 * :mod:`pipeline.grading.signature` — the failure signature two runs are compared by. Pure.
+* :mod:`pipeline.grading.facts` — what the rules read from an envelope: root, completeness, tool failures and their
+  recovery, the failed LLM call, loops. Pure.
+* :mod:`pipeline.grading.signals` — failure signals in single values (a tool result that reports a failure, a
+  provider error, a turn limit, a refusal). Pure.
+
+Reference: ``docs/grading.md``.
 
 The grade *stage* (consume envelopes, claim, grade, publish) is :mod:`pipeline.stages.grade`.
 """

@@ -33,7 +33,8 @@ class Evidence(BaseModel):
     ``kind``: ``status`` (span status / message), ``exception`` (an ``exception`` event), ``attribute`` (an
     attribute, named in ``name``), ``tool_result`` (what a tool returned), ``output`` (the run's final output),
     ``finish_reason`` (an LLM call's), ``criterion`` (a success criterion of the repository's scenario), ``judge``
-    (the LLM judge's own evidence). ``quote`` is at most 500 characters (cut with ``…``).
+    (the LLM judge's own evidence), ``log_event`` (a log record, e.g. Claude Code's ``api_retries_exhausted``).
+    ``span_id`` is ``""`` for a fact of the whole trace. ``quote`` is at most 500 characters (cut with ``…``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -69,14 +70,17 @@ class Usage(BaseModel):
 class JudgeReport(BaseModel):
     """What the optional LLM judge did for this grade.
 
-    ``status``: ``used`` (its verdict decided), ``agreed`` (asked, agreed with the rules), ``unavailable``
-    (unreachable, timeout, HTTP error: the rules' verdict stands), ``invalid`` (its answer failed the schema: the
-    rules' verdict stands), ``skipped`` (configured, but the rules decided and it is asked only when they cannot).
+    ``status``: ``used`` (its verdict decided), ``agreed`` (asked, agreed with the rules), ``overruled`` (asked,
+    answered another verdict that it may not impose: the rules said ``failed`` on deterministic evidence, or the
+    judge itself was inconclusive; the rules' verdict stands), ``unavailable`` (unreachable, timeout, HTTP error,
+    non-zero exit: the rules' verdict stands), ``invalid`` (its answer failed the schema: the rules' verdict
+    stands), ``skipped`` (configured, but the rules decided and it is asked only when they cannot). ``usage`` is
+    recorded whenever the judge reported it, an invalid answer included. Merge rule: docs/grading.md "The judge".
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    status: Literal["used", "agreed", "unavailable", "invalid", "skipped"]
+    status: Literal["used", "agreed", "overruled", "unavailable", "invalid", "skipped"]
     judge: str = Field(description="model name at base URL, or the judge command")
     reason: str | None = None
     verdict: str | None = None

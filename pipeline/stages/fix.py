@@ -77,6 +77,7 @@ class FixStage:
     phase = "fix"
     entry = False
     group_id = GROUP_ID
+    default_concurrency = 1
 
     def __init__(self, settings: LoopSettings, artifacts: ArtifactStore) -> None:
         self.settings = settings
@@ -84,11 +85,10 @@ class FixStage:
         self.repo = RepoContext(settings)
         self.input_topic = settings.reproductions_topic
         self.output_topic = settings.fixes_topic
-        s = settings
-        self.config_version = config_version(
-            "fix", 1, s.allow_external_execution, s.fix_command, s.validation_command, s.max_fix_attempts,
-            s.attempts, s.repo, s.contract_dir, s.pr_command, s.forge, s.forge_api_url, s.push_remote,
-            s.base_branch, sorted(s.pass_env_names()))
+        # Only what changes the work itself is in the key: settings that unblock a run (--allow-external-execution,
+        # the commands, the forge, the remote) are not, so `reprocess` re-runs a blocked fix under the same key.
+        self.config_version = config_version("fix", 1, settings.max_fix_attempts, settings.attempts,
+                                             settings.contract_dir)
         self.journal = open_journal(settings.database_url(), settings.state_dir)
 
     def identify(self, record: BusRecord) -> Identity:

@@ -40,6 +40,7 @@ class ReproduceStage:
     phase = "reproduce"
     entry = False
     group_id = GROUP_ID
+    default_concurrency = 1
 
     def __init__(self, settings: LoopSettings, artifacts: ArtifactStore) -> None:
         self.settings = settings
@@ -47,9 +48,9 @@ class ReproduceStage:
         self.repo = RepoContext(settings)
         self.input_topic = settings.seeds_topic
         self.output_topic = settings.reproductions_topic
-        self.config_version = config_version("reproduce", 1, settings.attempts, settings.repo,
-                                             settings.contract_dir, settings.repo_ref,
-                                             sorted(settings.pass_env_names()))
+        # As for seeding, settings that only unblock a run (--repo, --pass-env, the OTLP endpoint) are not in the key.
+        self.config_version = config_version("reproduce", 1, settings.attempts, settings.contract_dir,
+                                             settings.repo_ref)
         self.journal = open_journal(settings.database_url(), settings.state_dir)
 
     def identify(self, record: BusRecord) -> Identity:

@@ -109,6 +109,7 @@ class SeedStage:
     phase = "seed"
     entry = False
     group_id = GROUP_ID
+    default_concurrency = 4
 
     def __init__(self, settings: LoopSettings, artifacts: ArtifactStore) -> None:
         self.settings = settings
@@ -116,7 +117,10 @@ class SeedStage:
         self.repo = RepoContext(settings)
         self.input_topic = settings.grades_topic
         self.output_topic = settings.seeds_topic
-        self.config_version = config_version("seed", 1, settings.repo, settings.contract_dir, settings.repository)
+        # Where the repository is (--repo) is not part of the key: a run blocked for want of a repository must be
+        # re-run under the same key by `reprocess` once one is configured. The contract's content is read anew on
+        # every run.
+        self.config_version = config_version("seed", 1, settings.contract_dir)
 
     def identify(self, record: BusRecord) -> Identity:
         return identify_record(record)

@@ -56,24 +56,39 @@ def get_weather(city: str) -> str:
 
 
 def tool_loop(client: Any, model: str, task: str, tool: Callable[..., str],
-              first_call: Callable[[str, list[dict]], dict] | None = None) -> str:
-    """The agent every OpenAI-client script runs: task -> LLM tool call -> ``tool`` -> LLM final answer.
+              first_call: Callable[[str, list[dict]], dict] | None = None, *, offer_tools: bool = True,
+              max_turns: int = 4, catch: bool = False,
+              run_tool: Callable[[dict, Callable[..., str]], str] | None = None) -> str:
+    """The agent every OpenAI-client script runs: task -> model -> tools -> model ... -> answer.
 
-    ``client``: an (instrumented) ``openai.OpenAI``; ``first_call(model, messages)``: replaces the first, tool-call
-    turn (e.g. streamed) and returns the assistant message as a dict. Returns the final answer text.
+    ``client``: an (instrumented) ``openai.OpenAI``; ``first_call(model, messages)``: replaces the first model call
+    (e.g. streamed) and returns the assistant message as a dict; ``offer_tools``: send the weather tool's definition;
+    ``max_turns``: model calls at most, then ``""`` is returned (no answer); ``catch``: a raising tool's error goes
+    back to the model as the tool's result (``"error: <Type>: <message>"``) instead of escaping; ``run_tool(call,
+    tool)``: runs one tool call (an OpenAI ``tool_calls`` item) and returns its result, e.g. inside a span (default:
+    ``tool(**arguments)``). Returns the final answer text.
     """
+    run_tool = run_tool or (lambda call, fn: fn(**json.loads(call["function"]["arguments"])))
+    extra = {"tools": [WEATHER_TOOL]} if offer_tools else {}
     messages: list[dict] = [{"role": "user", "content": task}]
-    if first_call is None:
-        first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
-        assistant = first.choices[0].message.model_dump(exclude_none=True)
-    else:
-        assistant = first_call(model, messages)
-    messages.append(assistant)
-    for call in assistant.get("tool_calls") or []:
-        result = tool(**json.loads(call["function"]["arguments"]))
-        messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
-    final = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
-    return final.choices[0].message.content or ""
+    for turn in range(max_turns):
+        if turn == 0 and first_call is not None:
+            assistant = first_call(model, messages)
+        else:
+            reply = client.chat.completions.create(model=model, messages=messages, **extra)
+            assistant = reply.choices[0].message.model_dump(exclude_none=True)
+        messages.append(assistant)
+        if not assistant.get("tool_calls"):
+            return assistant.get("content") or ""
+        for call in assistant["tool_calls"]:
+            try:
+                result = run_tool(call, tool)
+            except Exception as exc:
+                if not catch:
+                    raise
+                result = f"error: {type(exc).__name__}: {exc}"
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+    return ""
 
 
 class _CountingSpanExporter(SpanExporter):
@@ -179,6 +194,14 @@ class Harness:
         info["trace_ids"] = sorted({t for t, _, _ in ended})
         info["spans"] = [{"trace_id": t, "span_id": s, "name": n} for t, s, n in ended]
         self.scenarios[name] = info
+
+    def run_all(self, scenarios: dict[str, Callable[[], Any]]) -> None:
+        """Run each scenario (name -> function returning the agent's answer; a raise is recorded as the run's error),
+        then :meth:`finish`."""
+        for name, run in scenarios.items():
+            with self.scenario(name, expect_error=True) as info:
+                info["output"] = run()
+        self.finish()
 
     def finish(self) -> None:
         """Flush and shut down every provider, then print the JSON report on stdout."""

@@ -16,11 +16,11 @@ Scenarios: ``ok`` (task -> tool call -> tool -> final answer) and ``error`` (the
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 
 from _common import ERROR_MODEL, LLM_BASE_URL, MODEL, TASK, TOOL_NAME, WEATHER_TOOL, Harness, get_weather
+from _genai_agent import agent_span
 
 mode = "latest" if "gen_ai_latest_experimental" in os.environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "") else "default"
 h = Harness(f"dialect-otel-genai-{mode}", logs=True)
@@ -35,21 +35,8 @@ handler = get_telemetry_handler(tracer_provider=h.tracer_provider, logger_provid
 client = openai.OpenAI(base_url=LLM_BASE_URL, api_key="sk-fake", max_retries=0)
 
 
-# opentelemetry-util-genai 0.4b0 takes the provider positionally and the agent name as an attribute; 1.x takes
-# ``agent_name=`` (and has no provider argument for local agents).
-_NEW_AGENT_API = "agent_name" in inspect.signature(handler.invoke_local_agent).parameters
-
-
-def agent_span(model: str):
-    if _NEW_AGENT_API:
-        return handler.invoke_local_agent(agent_name="weather-agent", request_model=model)
-    return handler.invoke_local_agent("openai", request_model=model)
-
-
 def run_agent(model: str) -> str:
-    with agent_span(model) as agent:
-        if not _NEW_AGENT_API:
-            agent.agent_name = "weather-agent"
+    with agent_span(handler, model) as agent:
         agent.input_messages = [InputMessage(role="user", parts=[Text(content=TASK)])]
         messages: list[dict] = [{"role": "user", "content": TASK}]
         first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
