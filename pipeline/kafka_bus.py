@@ -18,7 +18,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, MessageSizeTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import RecordMetadata, TopicPartition
 
 from pipeline.bus import BusPublishError, BusRecord, Headers, PartitionListener, RecordTooLargeError
 from sinks.kafka_producer import ManagedProducer
@@ -161,15 +161,19 @@ class KafkaPublisher:
         """False while a producer that could no longer deliver is being replaced."""
         return self._slot.usable() is not None
 
-    async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
+    async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers = (), *,
+                      partition: int | None = None) -> RecordMetadata:
+        """Produce one record and wait for ``acks=all``; returns its ``RecordMetadata`` (partition, offset).
+        ``partition``: a fixed partition instead of the key's (murmur2) one."""
         producer = await self._slot.wait_usable(self.publish_timeout_s / 2)
         if producer is None:
             raise BusPublishError(f"Kafka at {self.bootstrap_servers}: {self._slot.problem}")
         delivery = None
         try:
             async with asyncio.timeout(self.publish_timeout_s):
-                delivery = await producer.send(topic, value=value, key=key, headers=list(headers))
-                await delivery
+                delivery = await producer.send(topic, value=value, key=key, headers=list(headers),
+                                               partition=partition)
+                return await delivery
         except TimeoutError as exc:
             raise BusPublishError(f"Kafka at {self.bootstrap_servers} did not acknowledge a record for {topic} "
                                   f"within {self.publish_timeout_s:g} s") from exc

@@ -68,6 +68,11 @@ class AssemblerSettings(BaseSettings, KafkaSecurityFields):
                              description="Topic of per-trace OTLP batches to assemble (serve's --kafka-topic).")
     traces_topic: str = Field("trace-source.traces", description="Topic the envelopes are published to.")
     dlq_topic: str = Field("trace-source.dlq", description="Topic for undecodable input (error + original bytes).")
+    traces_index_topic: str = Field(
+        "trace-source.traces-index", description="Kafka: compacted topic indexing the envelopes per trace id, read "
+                                                 "on partition assignment so that late data after a restart or "
+                                                 "rebalance still becomes version N+1 of the whole trace. Empty = "
+                                                 "off.")
     group_id: str = Field("trace-source-assembler", description="Consumer group id.")
     group_instance_id: str | None = Field(
         None, description="Static group membership id (e.g. the StatefulSet pod name): a restarted worker gets its "

@@ -105,7 +105,8 @@ class EmbeddedAssembler:
 
 async def ensure_output_topics(settings: AssemblerSettings) -> None:
     """Create the traces and DLQ topics if missing, with as many partitions as the input topic (unless
-    ``topic_partitions``) and ``max.message.bytes`` above ``max_message_bytes``. Raises ``KafkaError``."""
+    ``topic_partitions``) and ``max.message.bytes`` above ``max_message_bytes``; and the compacted traces index with
+    exactly as many partitions as the input topic (its layout is partition for partition). Raises ``KafkaError``."""
     from sinks.kafka_admin import create_topic, partition_count
 
     security = settings.kafka_security()
@@ -116,6 +117,13 @@ async def ensure_output_topics(settings: AssemblerSettings) -> None:
     for topic in (settings.traces_topic, settings.dlq_topic):
         await create_topic(settings.kafka_bootstrap_servers, topic, partitions, settings.replication_factor,
                            max_request_size=settings.max_message_bytes + 64 * 1024, security=security)
+    if settings.traces_index_topic:
+        from pipeline.closed_index import INDEX_TOPIC_CONFIG
+
+        inputs = await partition_count(settings.kafka_bootstrap_servers, settings.input_topic, default=partitions,
+                                       security=security)
+        await create_topic(settings.kafka_bootstrap_servers, settings.traces_index_topic, inputs,
+                           settings.replication_factor, dict(INDEX_TOPIC_CONFIG), security=security)
 
 
 async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = None) -> None:
@@ -145,7 +153,19 @@ async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = N
             consumer = KafkaConsumerBus(settings.kafka_bootstrap_servers, topic=settings.input_topic,
                                         group_id=settings.group_id, client_id="trace-source-assembler",
                                         group_instance_id=settings.group_instance_id, security=security)
-            assembler = Assembler(consumer, output, settings, metrics=metrics, redactor=_redactor(settings))
+            lookup = None
+            if settings.traces_index_topic:
+                from pipeline.closed_index import KafkaClosedTraces
+
+                lookup = KafkaClosedTraces(
+                    settings.kafka_bootstrap_servers, index_topic=settings.traces_index_topic,
+                    traces_topic=settings.traces_topic, input_topic=settings.input_topic, publisher=publisher,
+                    artifact_root=settings.artifact_root, max_entries=settings.closed_traces_remembered,
+                    security=security)
+                await lookup.start()
+                stack.push_async_callback(lookup.stop)
+            assembler = Assembler(consumer, output, settings, metrics=metrics, redactor=_redactor(settings),
+                                  lookup=lookup)
         else:
             assembler = build_local_assembler(settings, metrics)
             stack.push_async_callback(assembler.output.publisher.stop)
