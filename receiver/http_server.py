@@ -92,6 +92,15 @@ class HttpReceiver:
         app.router.add_get("/metrics", self._metrics)
         return app
 
+    def ops_app(self) -> web.Application:
+        """Just ``/healthz``, ``/readyz`` and ``/metrics``: for a separate plain-HTTP port that probes and scrapers
+        can reach when the OTLP port requires client certificates (mTLS)."""
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
     # --- CORS -------------------------------------------------------------------------------------------------
 
     def _origin_allowed(self, origin: str | None) -> bool:

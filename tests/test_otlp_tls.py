@@ -140,7 +140,7 @@ def test_tls_on_both_endpoints_with_bearer_tokens(pki, tmp_path: Path) -> None:
 
 
 def test_mtls_refuses_clients_without_a_valid_certificate(pki, tmp_path: Path) -> None:
-    with ServeProcess(tmp_path / "state", *tls_args(pki, mtls=True)) as serve:
+    with ServeProcess(tmp_path / "state", *tls_args(pki, mtls=True), "--ops-port", "0") as serve:
         sent_http, results = export(http_exporter(serve, pki, client=pki.client))
         assert results and all(r is SpanExportResult.SUCCESS for r in results)
         sent_grpc, results = export(grpc_exporter(serve, pki, client=pki.client))
@@ -155,6 +155,11 @@ def test_mtls_refuses_clients_without_a_valid_certificate(pki, tmp_path: Path) -
         ok = requests.get(f"{serve.http_url}/healthz", verify=str(pki.ca), timeout=5,
                           cert=(str(pki.client.cert), str(pki.client.key)))
         assert ok.status_code == 200
+        # probes and scrapes without a client certificate: the plain ops port
+        ops = next(e["ops_port"] for e in serve.events() if e.get("event") == "serving")
+        assert requests.get(f"http://127.0.0.1:{ops}/readyz", timeout=5).json()["ready"] is True
+        assert "trace_source_requests_total" in requests.get(f"http://127.0.0.1:{ops}/metrics", timeout=5).text
+        assert requests.post(f"http://127.0.0.1:{ops}/v1/traces", data=b"", timeout=5).status_code == 404
         records = landed_local(serve.state_dir)
     assert_each_span_exactly_once(records, {**sent_http, **sent_grpc})  # nothing from the refused clients
 

@@ -136,6 +136,13 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
         ConnectionLimiter(runner.server, settings.max_connections, metrics), settings.host, settings.port,
         ssl=tls.http_context() if tls else None, reuse_address=True, backlog=1024)
     http_port = listener.sockets[0].getsockname()[1]  # the real port when --port 0
+    ops_runner = ops_port = None
+    if settings.ops_port is not None:
+        ops_runner = web.AppRunner(http.ops_app(), access_log=None)
+        await ops_runner.setup()
+        ops_site = web.TCPSite(ops_runner, settings.host, settings.ops_port, reuse_address=True)
+        await ops_site.start()
+        ops_port = ops_site._server.sockets[0].getsockname()[1]
 
     grpc_server = None
     grpc_port = None
@@ -153,6 +160,8 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
         listener.close()
         if watcher is not None:
             watcher.cancel()
+        if ops_runner is not None:
+            await ops_runner.cleanup()
         await asyncio.gather(runner.cleanup(), *([grpc_server.stop(0)] if grpc_server is not None else []))
         if assembler is not None:
             await assembler.stop()
@@ -163,7 +172,8 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
     scheme = "https" if tls else "http"
     log.info("serving", http=f"{scheme}://{settings.host}:{http_port}", grpc=(
         f"{settings.host}:{grpc_port}" if grpc_port else None), sink=sink.describe(), auth=auth.enabled,
-        http_port=http_port, grpc_port=grpc_port, tls=tls is not None, mtls=bool(tls and tls.mtls),
+        http_port=http_port, grpc_port=grpc_port, ops_port=ops_port, tls=tls is not None,
+        mtls=bool(tls and tls.mtls),
         stages=stages.names if stages is not None else [],
         policy=loop_settings.execution_policy if loop_settings is not None else None)
     try:
@@ -177,6 +187,8 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
         # Both servers stop accepting at once and drain their in-flight requests concurrently.
         await asyncio.gather(runner.cleanup(), *(
             [grpc_server.stop(settings.shutdown_grace_s)] if grpc_server is not None else []))
+        if ops_runner is not None:
+            await ops_runner.cleanup()  # last: probes see /readyz 503 while the others drain
         if stages is not None:
             await stages.stop()
         if assembler is not None:

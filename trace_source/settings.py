@@ -98,6 +98,10 @@ class ServeSettings(BaseSettings, KafkaSecurityFields):
         None, description="PEM CA certificates client certificates must chain to: set = mTLS, a client without a "
                           "valid certificate is refused during the handshake.")
     tls_min_version: Literal["1.2", "1.3"] = Field("1.2", description="Lowest TLS version accepted.")
+    ops_port: int | None = Field(
+        None, ge=0, le=65535, description="Also serve /healthz, /readyz and /metrics on this port, plain HTTP "
+                                          "without TLS or auth (for kubelet probes and Prometheus when the OTLP "
+                                          "port requires client certificates). Unset = off.")
     tls_reload_interval_s: float = Field(
         10.0, ge=0, description="How often the TLS files are checked for changes (cert-manager rotation); changed "
                                 "files are used for new connections. 0 = never.")
