@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient

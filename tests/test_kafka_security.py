@@ -35,7 +35,7 @@ from assembler_support import WorkerProcess, read_topic_sync, wait_for
 from interop_support import (assert_each_span_exactly_once, count_spans_at_least_once, landed_kafka,
                               make_agent_traces, span_exporter)
 from kafka_harness import SecureListeners, create_topic
-from serve_proc import CliProcess, ServeProcess
+from serve_proc import ServeProcess
 from sinks.kafka_security import KafkaSecurity, KafkaSecurityError, diagnose
 from trace_source.cli import main
 

@@ -19,13 +19,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.export import SpanExportResult
 
-from interop_support import (assert_each_span_exactly_once, count_spans_at_least_once, landed_kafka, landed_local,
-                              make_agent_traces, metric, span_exporter, wait_for)
+from interop_support import (assert_each_span_exactly_once, count_spans_at_least_once, finished_agent_spans,
+                              landed_kafka, landed_local, metric, span_exporter, wait_for)
 from kafka_harness import create_topic
 from serve_proc import ServeProcess
 
@@ -33,12 +30,7 @@ MiB = 1024 * 1024
 
 
 def finished_spans(n: int):
-    provider = TracerProvider(resource=Resource.create({"service.name": "slow-clients"}), shutdown_on_exit=False)
-    memory = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    ids = make_agent_traces(provider, ("slow.clients", "1"), n)
-    provider.shutdown()
-    return ids, memory.get_finished_spans()
+    return finished_agent_spans(n, "slow-clients", ("slow.clients", "1"))
 
 
 def connect(port: int) -> socket.socket:
