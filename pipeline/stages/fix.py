@@ -22,7 +22,6 @@ pull request, pushes a second branch or spends a second budget.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
@@ -33,6 +32,7 @@ import structlog
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.bus import BusRecord
+from pipeline.forge import git_auth_env
 from pipeline.fixing import (FixAttempt, commit_message, fix_prompt, pr_body, pr_title, status_document)
 from pipeline.grading.model import FailureSignature
 from pipeline.harness import run_once
@@ -58,16 +58,6 @@ class PublishBlocked(Exception):
     def __init__(self, reason: str, how: str) -> None:
         super().__init__(reason)
         self.how = how
-
-
-def git_auth_env(url: str, token: str | None) -> dict[str, str]:
-    """Environment that makes git send ``token`` to an HTTP(S) ``url`` (``http.extraHeader`` through
-    ``GIT_CONFIG_*`` variables, so the token is on no command line ``ps`` shows)."""
-    if not token or not url.startswith(("http://", "https://")):
-        return {}
-    basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
-    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader",
-            "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}"}
 
 
 class FixStage:
@@ -366,6 +356,8 @@ class FixStage:
                 raise PublishBlocked(f"cannot tell owner/name from the remote URL {remote_url}",
                                      "use a remote URL of the form https://host/owner/name(.git)")
             forge = make_forge(kind, api_url, token)
+        from pipeline.forge import ForgeError
+
         try:
             base = s.base_branch
             if base is None and forge is not None:
@@ -381,22 +373,22 @@ class FixStage:
                 return await self._pr_command(copy, branch, base, title, body_path, work_dir)
             return await self._pull_request(forge, owner_repo, branch, base, title, body_path.read_text(),
                                             attempt)
+        except ForgeError as exc:  # anything the forge refused (the repository, the default branch, the token)
+            raise PublishBlocked(f"{exc.kind}: {exc}", "fix what the forge said, then `trace-source reprocess`; or "
+                                 "push the branch and open the pull request by hand with pr-details.md") from None
         finally:
             if forge is not None:
                 await forge.close()
 
     async def _push(self, copy: Path, remote_url: str, token: str | None, commit: str, branch: str) -> None:
+        from pipeline.forge import git_auth_env, push_error
+
         # Force: the branch is ours alone (named after the stage key); a reprocessed fix moves it to its new commit.
         target = remote_url if is_url(remote_url) or "://" in remote_url else str(Path(remote_url).resolve())
         proc = await asyncio.to_thread(git, "push", "--quiet", target, f"+{commit}:refs/heads/{branch}", cwd=copy,
                                        check=False, env=git_auth_env(remote_url, token), timeout=600)
         if proc.returncode != 0:
-            err = proc.stderr.strip()
-            kind = ("branch protection" if "protect" in err.lower() else
-                    "permission denied" if re.search(r"denied|403|forbidden|not allowed", err, re.I) else
-                    "authentication failed" if re.search(r"authentication|401|could not read username", err, re.I)
-                    else "push refused")
-            raise PublishBlocked(f"{kind}: git push to {remote_url} failed: {err[-800:]}",
+            raise PublishBlocked(str(push_error(remote_url, proc.stderr)),
                                  f"git -C {copy} push <remote> {commit}:refs/heads/{branch}")
 
     async def _pull_request(self, forge, repo: str, branch: str, base: str, title: str, body: str,
@@ -425,6 +417,8 @@ class FixStage:
             problems.append(f"its head is {pull.head_sha[:12]}, not the proven commit {str(attempt.commit)[:12]}")
         if sorted(attempt.files) != files:
             problems.append(f"it changes {files}, the fix changed {sorted(attempt.files)}")
+        if not pull.draft:  # e.g. a Gitea whose work-in-progress prefixes are not "WIP:"
+            problems.append("the forge does not report it as a draft")
         return {"number": pull.number, "url": pull.url, "head": pull.head_ref, "head_sha": pull.head_sha,
                 "base": pull.base_ref, "draft": pull.draft, "state": pull.state, "files": files, "checks": checks,
                 "forge": forge.kind, "verified": not problems, "problems": problems}
