@@ -202,8 +202,10 @@ def test_render_without_bootstrap_servers_fails_clearly(helm):
 
 
 def test_lint_strict_passes(helm):
+    security = [a for v in (*KAFKA_SASL_SSL, "receiver.tls.existingSecret=otlp-tls",
+                            "receiver.tls.clientCASecret.name=otlp-tls") for a in ("--set", v)]
     for values in ([], ["--values", str(ALL_ON_VALUES)], ["--set", "assembler.autoscaling.enabled=true"],
-                   ["--set", "assembler.enabled=false"]):
+                   ["--set", "assembler.enabled=false"], ["--values", str(ALL_ON_VALUES), *security]):
         proc = run_helm(helm, "lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART),
                         "--set", f"kafka.bootstrapServers={BOOTSTRAP}",
                         "--set", f"loop.database.existingSecret={DB_SECRET}", *values)
