@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JS_DIR := tests/interop/js
 
-.PHONY: serve test bench bench-assembler bench-grade clean-venv
+.PHONY: serve test bench bench-assembler bench-grade otelcol phoenix clean-venv
 
 # Virtualenv with the package (editable) and its test extras; re-installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -46,6 +46,21 @@ test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed $(HELM) $(GITEA) $(AI
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.receiver_bench $(BENCH_ARGS)
+
+# Peers for `make bench` (optional; the bench skips a peer that is missing and says why). The OpenTelemetry
+# Collector (otlpreceiver + kafkaexporter, bench/collector) is built from the Go module proxy into the cache; Arize
+# Phoenix is installed from PyPI into its own virtualenv there.
+OTELCOL := $(HOME)/.cache/trace-source/bin/otelcol-bench
+$(OTELCOL): bench/collector/main.go bench/collector/go.mod bench/collector/go.sum
+	cd bench/collector && go build -trimpath -o $(OTELCOL) .
+otelcol: $(OTELCOL)
+
+PHOENIX_VENV := $(HOME)/.cache/trace-source/phoenix-venv
+$(PHOENIX_VENV)/.installed:
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/pip install --quiet arize-phoenix
+	touch $@
+phoenix: $(PHOENIX_VENV)/.installed
 
 bench-assembler: $(VENV)/.installed
 	$(PY) -m bench.assembler_bench $(BENCH_ARGS)

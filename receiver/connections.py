@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from prometheus_client import Counter, Gauge
-
 from receiver.metrics import ReceiverMetrics
 
 
@@ -34,10 +32,12 @@ class _Counted(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._limiter.open += 1
+        self._limiter.gauge.inc()
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc) -> None:
         self._limiter.open -= 1
+        self._limiter.gauge.dec()
         self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -62,19 +62,17 @@ class _Refused(asyncio.Protocol):
 
 class ConnectionLimiter:
     """``protocol_factory`` for ``loop.create_server`` that admits at most ``max_connections`` at a time (0 = no
-    limit). ``inner``: the aiohttp ``Server`` (``web.AppRunner.server``)."""
+    limit). ``inner``: the aiohttp ``Server`` (``web.AppRunner.server``). Each server process counts its own
+    connections (under ``serve --workers`` the limit is per worker process)."""
 
     def __init__(self, inner: Callable[[], asyncio.Protocol], max_connections: int, metrics: ReceiverMetrics,
                  protocol: str = "http") -> None:
         self.inner = inner
         self.max_connections = max_connections
         self.open = 0
-        r = metrics.registry
-        self.refused = Counter("trace_source_connections_refused_total",
-                               "Connections closed on arrival because --max-connections were open.",
-                               ["protocol"], registry=r).labels(protocol)
-        Gauge("trace_source_open_connections", "Open OTLP/HTTP connections.", ["protocol"],
-              registry=r).labels(protocol).set_function(lambda: self.open)
+        # inc/dec rather than a callback: under serve --workers the gauge lives in the multiprocess files
+        self.gauge = metrics.open_connections.labels(protocol)
+        self.refused = metrics.connections_refused.labels(protocol)
 
     def __call__(self) -> asyncio.Protocol:
         if self.max_connections and self.open >= self.max_connections:

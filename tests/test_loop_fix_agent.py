@@ -160,3 +160,55 @@ def test_aider_fixes_the_bug_and_a_draft_pull_request_opens_on_gitea_once_across
                    env={**os.environ, **git_auth_env(gitea.clone_url(name), gitea.token)})
     orders = (fetched / "support_agent" / "orders.py").read_text()
     assert "    return order_id.upper()\n" in orders and orders.count("upper()") == 1
+
+
+def test_reprocess_after_a_publishing_blocker_publishes_the_proven_fix_and_reuses_branch_and_pull_request(
+        tmp_path, fake, gitea):
+    from test_loop_fix import FIXER
+
+    repo = make_repository(tmp_path)
+    name = gitea.create_repo(f"support-agent-{tmp_path.name[-8:].replace('_', '-')}")
+    git("remote", "set-url", "origin", gitea.clone_url(name), cwd=repo)
+    gitea.push(repo, name, "main:refs/heads/main")
+    state = tmp_path / "state"
+    fixer_runs = tmp_path / "fixer-runs"
+    (tmp_path / "fixer.py").write_text(FIXER)
+    base_env = worker_env(fake, tmp_path / "harness-runs", FIXER_MODE="fix", FIXER_RUNS=str(fixer_runs))
+    args = ["--repo", str(repo), "--execution-policy", "fix", "--allow-external-execution",
+            "--pass-env", "OPENAI_BASE_URL,HARNESS_RUNS,FIXER_MODE,FIXER_RUNS", "--attempts", "1",
+            "--trace-wait-s", "60", "--fix-command", f"python {tmp_path / 'fixer.py'}",
+            "--forge", "gitea", "--forge-api-url", gitea.api_url]
+    os.environ.pop("TRACE_SOURCE_FORGE_TOKEN", None)
+
+    def fix_events(trace):
+        return [e for e in phase_events(state, "fix", trace) if not e.status.startswith("attempt_")]
+
+    with ServeProcess(state, *args, env=base_env) as serve:  # no forge token: proven, not published
+        trace = production_run(repo, fake, serve.http_url, FAILING_TASK)["trace_id"]
+        wait_for(lambda: fix_events(trace), "the fix phase's outcome", timeout_s=300)
+    [blocked] = fix_events(trace)
+    assert blocked.status == "blocked" and "forge token missing" in blocked.reason
+    assert fixer_runs.read_text().split() == ["1"]
+
+    env = {**base_env, "TRACE_SOURCE_FORGE_TOKEN": gitea.token}
+    with ServeProcess(state, *args, env=env):
+        for round_ in (1, 2):  # the blocker fixed; then once more, on purpose
+            done = subprocess.run([str(_trace_source()), "reprocess", trace[:12], "--state-dir", str(state)],
+                                  capture_output=True, text=True, env=env)
+            assert done.returncode == 0 and "phase fix" in done.stdout, done.stderr
+            wait_for(lambda: len(fix_events(trace)) == 1 + round_, f"reprocess {round_}", timeout_s=300)
+    statuses = [e.status for e in fix_events(trace)]
+    assert statuses == ["blocked", "pr_opened", "pr_opened"]
+    first, second = fix_events(trace)[1:]
+    assert first.details["pr_url"] == second.details["pr_url"] and first.details["branch"] == second.details["branch"]
+    assert len(gitea.api("GET", f"/repos/{name}/pulls?state=all")[1]) == 1
+    assert sorted(b["name"] for b in gitea.api("GET", f"/repos/{name}/branches")[1]) == sorted(
+        ["main", first.details["branch"]])
+    assert fixer_runs.read_text().split() == ["1"], "the proven fix was made again instead of reused"
+
+
+def _trace_source():
+    import sys
+    from pathlib import Path
+
+    return Path(sys.executable).with_name("trace-source")

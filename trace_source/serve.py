@@ -88,10 +88,13 @@ async def _start_embedded_loop(settings: ServeSettings, loop_settings, metrics: 
     return loop
 
 
-async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loop_settings=None) -> None:
+async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loop_settings=None,
+              worker: int | None = None, on_ready=None) -> None:
     """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT. ``loop_settings``: a
     :class:`pipeline.loop_settings.LoopSettings` for the embedded default's in-process stages (``None``: the
-    receiver and assembler only)."""
+    receiver and assembler only). ``worker``: this process's index under ``serve --workers``
+    (:mod:`trace_source.workers`): both ports are bound with ``SO_REUSEPORT``, the ready line is ``worker
+    serving``, and ``on_ready()`` is called once serving."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,15 +135,17 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
                            lingering_time=2.0)
     await runner.setup()
     # Our own listener instead of a TCPSite, so the connection limit sits in front of aiohttp's protocol factory.
+    # Under --workers every worker binds the same ports (SO_REUSEPORT; see trace_source.workers).
     listener = await loop.create_server(
         ConnectionLimiter(runner.server, settings.max_connections, metrics), settings.host, settings.port,
-        ssl=tls.http_context() if tls else None, reuse_address=True, backlog=1024)
+        ssl=tls.http_context() if tls else None, reuse_address=True, reuse_port=worker is not None, backlog=1024)
     http_port = listener.sockets[0].getsockname()[1]  # the real port when --port 0
     ops_runner = ops_port = None
     if settings.ops_port is not None:
         ops_runner = web.AppRunner(http.ops_app(), access_log=None)
         await ops_runner.setup()
-        ops_site = web.TCPSite(ops_runner, settings.host, settings.ops_port, reuse_address=True)
+        ops_site = web.TCPSite(ops_runner, settings.host, settings.ops_port, reuse_address=True,
+                               reuse_port=worker is not None)
         await ops_site.start()
         ops_port = ops_site._server.sockets[0].getsockname()[1]
 
@@ -168,20 +173,27 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
         await sink.stop()
         raise
 
-    # One machine-readable line tests and scripts wait for; humans read the same fields.
+    refresh = asyncio.create_task(metrics.refresh_forever()) if metrics.multiprocess else None
+    # One machine-readable line tests and scripts wait for; humans read the same fields. Under --workers the
+    # supervisor writes it once every worker is up.
     scheme = "https" if tls else "http"
-    log.info("serving", http=f"{scheme}://{settings.host}:{http_port}", grpc=(
-        f"{settings.host}:{grpc_port}" if grpc_port else None), sink=sink.describe(), auth=auth.enabled,
-        http_port=http_port, grpc_port=grpc_port, ops_port=ops_port, tls=tls is not None,
-        mtls=bool(tls and tls.mtls),
-        stages=stages.names if stages is not None else [],
-        policy=loop_settings.execution_policy if loop_settings is not None else None)
+    log.info("serving" if worker is None else "worker serving", worker=worker,
+             http=f"{scheme}://{settings.host}:{http_port}",
+             grpc=f"{settings.host}:{grpc_port}" if grpc_port else None,
+             sink=sink.describe(), auth=auth.enabled, http_port=http_port, grpc_port=grpc_port, ops_port=ops_port,
+             tls=tls is not None, mtls=bool(tls and tls.mtls),
+             stages=stages.names if stages is not None else [],
+             policy=loop_settings.execution_policy if loop_settings is not None else None)
+    if on_ready is not None:
+        on_ready()
     try:
         await stop.wait()
     finally:
-        log.info("shutting down", grace_s=settings.shutdown_grace_s)
+        if refresh is not None:
+            refresh.cancel()
         if watcher is not None:
             watcher.cancel()
+        log.info("shutting down", grace_s=settings.shutdown_grace_s, worker=worker)
         http.shutting_down = True
         listener.close()  # stop accepting; runner.cleanup() then drains the open connections
         # Both servers stop accepting at once and drain their in-flight requests concurrently.

@@ -30,9 +30,10 @@ from typing import Any
 
 import structlog
 
+from normalizers.envelope import repository_from
 from pipeline.artifacts import ArtifactStore
 from pipeline.bus import BusRecord
-from pipeline.forge import git_auth_env
+from pipeline.forge import ForgeError, detect_forge, git_auth_env, make_forge, push_error
 from pipeline.fixing import (FixAttempt, commit_message, fix_prompt, pr_body, pr_title, status_document)
 from pipeline.grading.model import FailureSignature
 from pipeline.harness import run_once
@@ -131,7 +132,7 @@ class FixStage:
             return await self._stop(item, base, "blocked", str(exc), [], context=context)
         branch = f"trace-source/fix-{item.stage_key[:12]}"
         prefix = f"{item.stage_key[:12]}-g{item.generation}"
-        work_dir = self.settings.work_root / "fix" / f"{trace_id}-{prefix}"
+        work_dir = self._work_dir(trace_id, item.stage_key, item.generation)
         scenario = (self.settings.artifact_root / manifest["scenario"]).read_text() if manifest.get("scenario") \
             else ""
         original = FailureSignature.model_validate(manifest["signature"]) if manifest.get("signature") else None
@@ -141,8 +142,13 @@ class FixStage:
                                 pass_env=self.settings.pass_env_names(), trace_wait_s=self.settings.trace_wait_s)
 
         attempts: list[FixAttempt] = []
-        proven: tuple[FixAttempt, Path] | None = None
-        for n in range(1, self.settings.max_fix_attempts + 1):
+        # A reprocess after a publishing blocker (no token, no remote, a refused push) publishes the fix already
+        # proven by an earlier pass under this stage key instead of spending the budget again.
+        proven = self._earlier_proof(trace_id, item)
+        reused = proven is not None
+        if proven is not None:
+            attempts = [proven[0]]
+        for n in range(1, self.settings.max_fix_attempts + 1 if not reused else 1):
             attempt, copy = await self._attempt(n, work_dir / f"fix-{n}", repository, start_commit, branch, grade,
                                                 manifest, scenario, context, attempts, trace_id)
             attempts.append(attempt)
@@ -153,7 +159,8 @@ class FixStage:
             if attempt.outcome == "proven":
                 proven = (attempt, copy)
                 break
-        events = [EventDraft("fix", f"attempt_{a.outcome}", reason=a.detail, details={
+        await asyncio.to_thread(self._write_outcome, work_dir, attempts, proven)
+        events = [] if reused else [EventDraft("fix", f"attempt_{a.outcome}", reason=a.detail, details={
             "attempt": a.n, "commit": a.commit, "usage": a.usage, "reproduction": a.reproduction}) for a in attempts]
 
         if proven is None:
@@ -186,6 +193,30 @@ class FixStage:
             "pr_url": pull.get("url"), "pr_number": pull.get("number"), "branch": branch, "commit": attempt.commit,
             "draft": pull.get("draft"), "checks": pull.get("checks")}))
         return Outcome("done", json.dumps(doc).encode(), events)
+
+    # -- earlier passes ---------------------------------------------------------------------------------------------
+
+    def _work_dir(self, trace_id: str, stage_key: str, generation: int) -> Path:
+        return self.settings.work_root / "fix" / f"{trace_id}-{stage_key[:12]}-g{generation}"
+
+    @staticmethod
+    def _write_outcome(work_dir: Path, attempts: list[FixAttempt], proven: tuple[FixAttempt, Path] | None) -> None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        doc = {"attempts": [a.as_dict() for a in attempts],
+               "proven": None if proven is None else {"attempt": proven[0].as_dict(), "copy": str(proven[1])}}
+        (work_dir / "outcome.json").write_text(json.dumps(doc, indent=2))
+
+    def _earlier_proof(self, trace_id: str, item: WorkItem) -> tuple[FixAttempt, Path] | None:
+        """The proven attempt of an earlier generation of this stage key whose working copy is still there."""
+        for generation in range(item.generation - 1, -1, -1):
+            path = self._work_dir(trace_id, item.stage_key, generation) / "outcome.json"
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if doc.get("proven") and Path(doc["proven"]["copy"], ".git").exists():
+                return FixAttempt(**doc["proven"]["attempt"]), Path(doc["proven"]["copy"])
+        return None
 
     # -- one attempt ------------------------------------------------------------------------------------------------
 
@@ -339,9 +370,6 @@ class FixStage:
         forge = None
         owner_repo = None
         if not s.pr_command:
-            from normalizers.envelope import repository_from
-            from pipeline.forge import detect_forge, make_forge
-
             owner_repo = repository_from(None, {"vcs.repository.url.full": remote_url})
             try:
                 kind, api_url = detect_forge(remote_url, s.forge_api_url, s.forge)
@@ -356,8 +384,6 @@ class FixStage:
                 raise PublishBlocked(f"cannot tell owner/name from the remote URL {remote_url}",
                                      "use a remote URL of the form https://host/owner/name(.git)")
             forge = make_forge(kind, api_url, token)
-        from pipeline.forge import ForgeError
-
         try:
             base = s.base_branch
             if base is None and forge is not None:
@@ -381,8 +407,6 @@ class FixStage:
                 await forge.close()
 
     async def _push(self, copy: Path, remote_url: str, token: str | None, commit: str, branch: str) -> None:
-        from pipeline.forge import git_auth_env, push_error
-
         # Force: the branch is ours alone (named after the stage key); a reprocessed fix moves it to its new commit.
         target = remote_url if is_url(remote_url) or "://" in remote_url else str(Path(remote_url).resolve())
         proc = await asyncio.to_thread(git, "push", "--quiet", target, f"+{commit}:refs/heads/{branch}", cwd=copy,
@@ -393,8 +417,6 @@ class FixStage:
 
     async def _pull_request(self, forge, repo: str, branch: str, base: str, title: str, body: str,
                             attempt: FixAttempt) -> dict[str, Any]:
-        from pipeline.forge import ForgeError
-
         try:
             pull = await forge.find_pull(repo, branch)
             if pull is None:
