@@ -82,3 +82,17 @@ bench-grade: $(VENV)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Container image with buildah (no Docker daemon): a Debian bookworm base made by debootstrap, then the Dockerfile.
+# Needs root; installs buildah and debootstrap from Debian's packages when missing. IMAGE / TAG name the result
+# (default localhost/trace-source:<version>); push with `buildah push IMAGE:TAG docker://REGISTRY/IMAGE:TAG`.
+image:
+	scripts/build_image.sh
+
+# Runs the built image as the chart does (user 10001, read-only root) and sends it spans (tests/test_image.py).
+image-test: $(VENV)/.installed
+	$(PY) -m pytest -m image tests/test_image.py $(PYTEST_ARGS)
+
+image-clean:
+	rm -rf $(HOME)/.cache/trace-source/image
+	-buildah rmi localhost/trace-source-base:bookworm

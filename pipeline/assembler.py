@@ -16,7 +16,8 @@ I/O around them. Guarantees:
   input) sends the trace's records to the DLQ with the error instead of wedging the partition.
 * **Crash safety.** Offsets are committed only up to the low-watermark, so after ``kill -9`` or a revocation the
   next owner replays every trace that was open or not yet durably emitted, whole, and re-emits it under the same
-  idempotency key (see :mod:`pipeline.buffers` for the one exception: late data after a restart).
+  idempotency key — or, when the lookup (traces directory, Kafka traces index) knows it was emitted, is dropped
+  as a duplicate, and late data becomes version N+1 of the whole trace (:mod:`pipeline.closed_index`).
 * **Rebalances** (Kafka, eager protocol): on revocation the watermark of the revoked partitions is committed and
   their buffers are discarded — no partial envelopes; the new owner replays.
 """
@@ -32,7 +33,8 @@ import structlog
 
 from normalizers.envelope import Envelope
 from normalizers.redact import Redactor
-from pipeline.buffers import AssemblerCore, ClosedInfo, ClosedTrace, PoisonRecord, StoredRecord, decode_record
+from pipeline.buffers import (AssemblerCore, ClosedInfo, ClosedTrace, PoisonRecord, StoredRecord, TraceFacts, _adds,
+                              decode_record)
 from pipeline.bus import BusConsumer, BusPublishError, BusRecord
 from pipeline.envelope_builder import build_envelope
 from pipeline.metrics import AssemblerMetrics
@@ -64,7 +66,9 @@ class TracesDirLookup:
         """Cheap check (one ``stat``) before :meth:`load`."""
         return (self.traces_dir / f"{trace_id}.json").exists()
 
-    async def load(self, trace_id: str) -> ClosedInfo | None:
+    async def load(self, trace_id: str, facts: TraceFacts | None = None) -> ClosedInfo | None:
+        """The last envelope of ``trace_id`` as a memory entry (``facts``, the new data, are not needed here: the
+        file is local, so the earlier envelope is always read)."""
         path = self.traces_dir / f"{trace_id}.json"
         try:
             data = await asyncio.to_thread(path.read_bytes)
@@ -80,13 +84,15 @@ class Assembler:
     """Runs the assembler over ``consumer`` (a :class:`pipeline.bus.BusConsumer`) into ``output``.
 
     ``clock``: monotonic seconds for the close rules (injectable for tests); ``wall_ns``: unix ns recorded as the
-    assembly time. ``lookup``: optional :class:`TracesDirLookup`. ``redactor``: ``None`` disables masking.
-    Implements :class:`pipeline.bus.PartitionListener` for its consumer.
+    assembly time. ``lookup``: optional memory of closed traces beyond the in-process one — :class:`TracesDirLookup`
+    (embedded) or ``pipeline.closed_index.KafkaClosedTraces`` (Kafka; also told of assignments and of every
+    published envelope). ``redactor``: ``None`` disables masking. Implements :class:`pipeline.bus.PartitionListener`
+    for its consumer.
     """
 
     def __init__(self, consumer: BusConsumer, output: EnvelopeOutput, settings: AssemblerSettings, *,
                  metrics: AssemblerMetrics | None = None, clock: Callable[[], float] = time.monotonic,
-                 wall_ns: Callable[[], int] = time.time_ns, lookup: TracesDirLookup | None = None,
+                 wall_ns: Callable[[], int] = time.time_ns, lookup=None,
                  redactor: Redactor | None = None) -> None:
         self.consumer = consumer
         self.output = output
@@ -111,6 +117,8 @@ class Assembler:
 
     async def on_assigned(self, partitions: set[int]) -> None:
         self.core.assign(partitions)
+        if hasattr(self.lookup, "on_assigned"):
+            self.lookup.on_assigned(partitions)  # reads in the background; _recall waits for it
         log.info("assembler.assigned", partitions=sorted(partitions), topic=self.consumer.topic)
 
     async def on_revoked(self, partitions: set[int]) -> None:
@@ -187,11 +195,7 @@ class Assembler:
         if decoded.untraced_logs:
             self.metrics.untraced_logs.inc(decoded.untraced_logs)
         if self.lookup is not None:
-            for trace_id in self.core.unknown(rec.partition, decoded.traces):
-                if self.lookup.may_have(trace_id):
-                    info = await self.lookup.load(trace_id)
-                    if info is not None:
-                        self.core.remember(rec.partition, trace_id, info)
+            await self._recall(rec.partition, decoded.traces)
         outcome = self.core.ingest(rec, decoded.traces)
         if outcome.duplicate_spans:
             self.metrics.duplicates.labels("span").inc(outcome.duplicate_spans)
@@ -199,6 +203,27 @@ class Assembler:
             self.metrics.duplicates.labels("log").inc(outcome.duplicate_logs)
         if outcome.reopened:
             self.metrics.late_versions.inc(outcome.reopened)
+
+    async def _recall(self, partition: int, traces: dict[str, TraceFacts]) -> None:
+        """Fill the memory from the lookup before ``traces`` (one record's) are ingested: traces it does not know,
+        and remembered traces whose earlier content is no longer in memory but that this data will reopen."""
+        unknown = self.core.unknown(partition, traces)
+        ready = getattr(self.lookup, "ready", None)
+        if unknown and ready is not None:
+            await ready()
+        for trace_id in unknown:
+            if self.lookup.may_have(trace_id):
+                info = await self.lookup.load(trace_id, traces[trace_id])
+                if info is not None:
+                    self.core.remember(partition, trace_id, info)
+        for trace_id, facts in traces.items():
+            info = self.core.lru.get((partition, trace_id))
+            if (info is None or info.prior is not None or info.records is not None
+                    or not _adds(info.spans, info.logs, facts) or not self.lookup.may_have(trace_id)):
+                continue
+            found = await self.lookup.load(trace_id, facts)
+            if found is not None and found.version == info.version:
+                info.prior = found.prior
 
     # -- output ---------------------------------------------------------------------------------------------------
 
@@ -231,6 +256,8 @@ class Assembler:
                     self.metrics.dlq.labels("envelope-build-failed").inc()
             else:
                 published = await self._durably(lambda: self.output.publish(env), c.partition, c)
+                if hasattr(self.lookup, "published"):  # before acknowledging: the index must know it first
+                    await self._durably(lambda: self.lookup.published(env, published, c.partition), c.partition, c)
                 self.metrics.envelopes.labels(c.reason).inc()
                 self.metrics.envelope_bytes.observe(published.size_bytes)
                 if published.claim_check:

@@ -36,11 +36,11 @@ replay from the committed offset would see only the tail of an already-emitted t
 new key; with it, a replay always rebuilds whole traces, so re-emitted envelopes keep their idempotency keys. The
 watermark never moves back.
 
-**After a restart** the LRU is empty (unless a ``lookup`` — the embedded traces directory — refills it on
-demand). Replayed records of traces emitted before the crash are rebuilt whole and re-emitted with the same key and
-version 1; late data of a trace whose whole range was already committed past (it arrived after the watermark
-passed the trace) comes out as an envelope of just that data, version 1, under its own key. Consumers keep, per
-trace id, the envelope with the most spans / highest version.
+**After a restart** the LRU is empty; a ``lookup`` (the embedded traces directory, or on Kafka the compacted traces
+index of ``pipeline.closed_index``) refills it on demand through :meth:`AssemblerCore.remember`. Without one,
+replayed records of traces emitted before the crash are rebuilt whole and re-emitted with the same key and
+version 1, and late data of a trace whose whole range was already committed past comes out as an envelope of just
+that data, version 1, under its own key.
 """
 
 from __future__ import annotations

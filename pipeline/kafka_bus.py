@@ -18,9 +18,11 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, MessageSizeTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import RecordMetadata, TopicPartition
 
 from pipeline.bus import BusPublishError, BusRecord, Headers, PartitionListener, RecordTooLargeError
+from sinks.kafka_producer import ManagedProducer
+from sinks.kafka_security import KafkaSecurity, aiokafka_kwargs, start_or_explain
 
 log = structlog.get_logger(__name__)
 
@@ -50,15 +52,17 @@ class KafkaConsumerBus:
     so they continue while the stage builds envelopes in a thread). ``max_poll_interval_ms``: the consumer leaves
     the group when ``poll`` is not called for this long (e.g. output down for minutes); it rejoins on the next
     ``poll``. ``rebalance_timeout_ms``: how long the group waits for members to finish ``on_revoked``.
+    ``security``: TLS / SASL settings (``None`` = PLAINTEXT).
     """
 
     def __init__(self, bootstrap_servers: str, *, topic: str, group_id: str, client_id: str = "trace-source",
                  session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
                  max_poll_interval_ms: int = 300000, rebalance_timeout_ms: int = 30000,
-                 group_instance_id: str | None = None) -> None:
+                 group_instance_id: str | None = None, security: KafkaSecurity | None = None) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.group_id = group_id
+        self.security = security
         self._kwargs = dict(
             bootstrap_servers=bootstrap_servers, group_id=group_id, client_id=client_id,
             enable_auto_commit=False, auto_offset_reset="earliest",
@@ -68,11 +72,12 @@ class KafkaConsumerBus:
         self._consumer: AIOKafkaConsumer | None = None
 
     async def start(self, listener: PartitionListener) -> None:
-        """Connect and subscribe. Raises ``aiokafka.errors.KafkaError`` when the cluster cannot be reached."""
-        consumer = AIOKafkaConsumer(**self._kwargs)
+        """Connect and subscribe. Raises ``aiokafka.errors.KafkaError`` when the cluster cannot be reached
+        (:class:`sinks.kafka_security.KafkaSecurityError` when it refuses our credentials or certificates)."""
+        consumer = AIOKafkaConsumer(**self._kwargs, **aiokafka_kwargs(self.security))
         consumer.subscribe([self.topic], listener=_Listener(self.topic, listener))
         try:
-            await consumer.start()
+            await start_or_explain(consumer.start, self.bootstrap_servers, self.security)
         except BaseException:
             await consumer.stop()
             raise
@@ -125,68 +130,77 @@ class KafkaPublisher:
 
     ``max_message_bytes``: the largest record (as aiokafka estimates it, uncompressed) this publisher sends; keep the
     output topics' ``max.message.bytes`` at least this large. ``publish_timeout_s`` bounds one ``publish``.
+    ``security``: TLS / SASL settings (``None`` = PLAINTEXT). A producer that can no longer deliver (a refused batch,
+    a dead sender task) is replaced (:class:`sinks.kafka_producer.ManagedProducer`); ``publish`` raises
+    :class:`pipeline.bus.BusPublishError` meanwhile, which callers retry.
     """
 
     def __init__(self, bootstrap_servers: str, *, compression_type: str | None = "zstd",
                  max_message_bytes: int = 1048576, linger_ms: int = 5, request_timeout_ms: int = 15000,
-                 publish_timeout_s: float = 30.0, client_id: str = "trace-source") -> None:
+                 publish_timeout_s: float = 30.0, client_id: str = "trace-source",
+                 security: KafkaSecurity | None = None) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.max_message_bytes = max_message_bytes
         self.publish_timeout_s = publish_timeout_s
-        self._kwargs = dict(
+        self.security = security
+        kwargs = dict(
             bootstrap_servers=bootstrap_servers, client_id=client_id, enable_idempotence=True,
             compression_type=compression_type, linger_ms=linger_ms, max_request_size=max_message_bytes,
             # aiokafka does not split a batch the broker rejects as too large, so a batch must fit the limit too.
             max_batch_size=min(262144, max_message_bytes), request_timeout_ms=request_timeout_ms)
-        self._producer: AIOKafkaProducer | None = None
+        self._slot = ManagedProducer(lambda: AIOKafkaProducer(**kwargs, **aiokafka_kwargs(security)),
+                                     bootstrap_servers=bootstrap_servers, security=security,
+                                     close_timeout_s=publish_timeout_s)
 
     async def start(self) -> None:
-        """Connect. Raises ``aiokafka.errors.KafkaError`` when the cluster cannot be reached."""
-        producer = AIOKafkaProducer(**self._kwargs)
-        try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()
-            raise
-        self._producer = producer
+        """Connect. Raises ``aiokafka.errors.KafkaError`` when the cluster cannot be reached
+        (:class:`sinks.kafka_security.KafkaSecurityError` when it refuses our credentials or certificates)."""
+        self._slot.serve(await self._slot.open())
 
-    async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
-        producer = self._producer
+    def ready(self) -> bool:
+        """False while a producer that could no longer deliver is being replaced."""
+        return self._slot.usable() is not None
+
+    async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers = (), *,
+                      partition: int | None = None) -> RecordMetadata:
+        """Produce one record and wait for ``acks=all``; returns its ``RecordMetadata`` (partition, offset).
+        ``partition``: a fixed partition instead of the key's (murmur2) one."""
+        producer = await self._slot.wait_usable(self.publish_timeout_s / 2)
         if producer is None:
-            raise BusPublishError("KafkaPublisher is not started")
+            raise BusPublishError(f"Kafka at {self.bootstrap_servers}: {self._slot.problem}")
+        delivery = None
         try:
             async with asyncio.timeout(self.publish_timeout_s):
-                delivery = await producer.send(topic, value=value, key=key, headers=list(headers))
-                await delivery
+                delivery = await producer.send(topic, value=value, key=key, headers=list(headers),
+                                               partition=partition)
+                return await delivery
         except TimeoutError as exc:
             raise BusPublishError(f"Kafka at {self.bootstrap_servers} did not acknowledge a record for {topic} "
                                   f"within {self.publish_timeout_s:g} s") from exc
-        except MessageSizeTooLargeError as exc:
-            raise RecordTooLargeError(f"Kafka at {self.bootstrap_servers} refused a record of {len(value)} bytes "
-                                      f"for {topic} as too large: {exc!r}") from exc
         except KafkaError as exc:
+            if delivery is not None:  # a batch the broker refused: the producer's sequence has a gap now
+                self._slot.delivery_failed(producer, exc)
+            else:
+                self._slot.usable()  # send() raises a dead sender's error: notice it
+            if isinstance(exc, MessageSizeTooLargeError):
+                raise RecordTooLargeError(f"Kafka at {self.bootstrap_servers} refused a record of {len(value)} "
+                                          f"bytes for {topic} as too large: {exc!r}") from exc
             raise BusPublishError(f"Kafka at {self.bootstrap_servers} refused a record for {topic}: {exc!r}") from exc
 
     def record_size(self, key: bytes | None, value: bytes, headers: Headers = ()) -> int:
         return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
 
     async def stop(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            try:
-                async with asyncio.timeout(self.publish_timeout_s):
-                    await producer.stop()
-            except TimeoutError:
-                log.warning("kafka_bus.producer_stop_timeout", bootstrap_servers=self.bootstrap_servers)
+        await self._slot.stop()
 
 
 async def read_kafka_record(bootstrap_servers: str, topic: str, partition: int, offset: int,
-                            timeout_s: float = 15.0) -> BusRecord | None:
+                            timeout_s: float = 15.0, security: KafkaSecurity | None = None) -> BusRecord | None:
     """The record at ``topic``/``partition``/``offset`` (no consumer group), or ``None`` when it is gone
     (retention, compaction) or not there. Raises ``KafkaError`` when the cluster cannot be reached."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
-                                client_id="trace-source-reprocess")
-    await consumer.start()
+                                client_id="trace-source-reprocess", **aiokafka_kwargs(security))
+    await start_or_explain(consumer.start, bootstrap_servers, security)
     try:
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])

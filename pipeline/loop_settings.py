@@ -20,6 +20,8 @@ import yaml
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sinks.kafka_security import KafkaSecurityFields
+
 ENV_PREFIX = "TRACE_SOURCE_"
 
 TRACES_TOPIC = "trace-source.traces"
@@ -48,8 +50,9 @@ class _YamlFile(PydanticBaseSettingsSource):
         return {k: v for k, v in data.items() if k in self.settings_cls.model_fields}
 
 
-class LoopSettings(BaseSettings):
-    """Everything the loop's stages can be told; ``trace-source worker grade --help`` documents each field."""
+class LoopSettings(BaseSettings, KafkaSecurityFields):
+    """Everything the loop's stages can be told; ``trace-source worker grade --help`` documents each field. The
+    ``kafka_*`` security fields (TLS, SASL) come from :class:`sinks.kafka_security.KafkaSecurityFields`."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True)
 
@@ -255,8 +258,12 @@ SERVE_ONLY: frozenset[str] = frozenset({"in_process_stages"})
 
 def fields_for(*, stage: str | None = None, serve: bool = False) -> list[str]:
     """Names of the fields a command takes: ``worker <stage>`` (``stage``), or ``serve`` (every stage's)."""
+    from sinks.kafka_security import SECURITY_FIELDS
+
     out = []
-    for name in LoopSettings.model_fields:
+    # The shared Kafka security fields last in --help, after the stage's own.
+    ordered = [n for n in LoopSettings.model_fields if n not in SECURITY_FIELDS] + list(SECURITY_FIELDS)
+    for name in ordered:
         if (serve and name in WORKER_ONLY) or (not serve and name in SERVE_ONLY):
             continue
         if not serve and name in STAGE_FIELDS and stage not in STAGE_FIELDS[name]:

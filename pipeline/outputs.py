@@ -48,10 +48,21 @@ CLAIM_CHECK_CONTENT_TYPE = "application/vnd.trace-source.claim-check+json"
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """Outcome of one publish: ``size_bytes`` of the full body, ``claim_check`` path if it was stored aside."""
+    """Outcome of one publish: ``size_bytes`` of the full body, ``claim_check`` path if it was stored aside;
+    ``partition``/``offset`` of the record when the publisher reports them (Kafka)."""
 
     size_bytes: int
     claim_check: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+
+def _located(published: Published, delivered) -> Published:
+    """``published`` with the partition and offset of ``delivered`` (a Kafka ``RecordMetadata``), if it has them."""
+    partition, offset = getattr(delivered, "partition", None), getattr(delivered, "offset", None)
+    if partition is None or offset is None:
+        return published
+    return Published(published.size_bytes, published.claim_check, partition, offset)
 
 
 class DeadLetters:
@@ -128,18 +139,18 @@ class EnvelopeOutput(DeadLetters):
         ]
         if not self._too_large(key, value, headers):
             try:
-                await self.publisher.publish(self.topic, key, value,
-                                             headers + [(HEADER_CONTENT_TYPE, JSON_CONTENT_TYPE.encode())])
-                return Published(len(value))
+                delivered = await self.publisher.publish(self.topic, key, value,
+                                                         headers + [(HEADER_CONTENT_TYPE, JSON_CONTENT_TYPE.encode())])
+                return _located(Published(len(value)), delivered)
             except RecordTooLargeError:
                 pass  # the topic's own limit is lower than ours: claim check after all
         claim = f"envelopes/{envelope.idempotency_key}.json"
         ref = await self._store(claim, value, JSON_CONTENT_TYPE)
         ref.update(trace_id=envelope.trace_id, idempotency_key=envelope.idempotency_key,
                    envelope_version=envelope.envelope_version, schema_version=envelope.schema_version)
-        await self.publisher.publish(self.topic, key, json.dumps(ref).encode(), headers + [
+        delivered = await self.publisher.publish(self.topic, key, json.dumps(ref).encode(), headers + [
             (HEADER_CONTENT_TYPE, CLAIM_CHECK_CONTENT_TYPE.encode()), (HEADER_CLAIM_CHECK, claim.encode())])
-        return Published(len(value), claim)
+        return _located(Published(len(value), claim), delivered)
 
 
 class ClaimCheckError(Exception):

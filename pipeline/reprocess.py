@@ -42,7 +42,8 @@ async def read_input(settings: LoopSettings, topic: str, partition: int, offset:
     if settings.kafka_bootstrap_servers:
         from pipeline.kafka_bus import read_kafka_record
 
-        return await read_kafka_record(settings.kafka_bootstrap_servers, topic, partition, offset)
+        return await read_kafka_record(settings.kafka_bootstrap_servers, topic, partition, offset,
+                                       security=settings.kafka_security())
     from pipeline.local_bus import read_local_record
 
     return read_local_record(settings.state_dir, topic, offset)
@@ -106,7 +107,8 @@ async def _publish(settings: LoopSettings, topic: str, key: bytes | None, value:
     if settings.kafka_bootstrap_servers:
         from pipeline.kafka_bus import KafkaPublisher
 
-        publisher = KafkaPublisher(settings.kafka_bootstrap_servers, max_message_bytes=settings.max_message_bytes)
+        publisher = KafkaPublisher(settings.kafka_bootstrap_servers, max_message_bytes=settings.max_message_bytes,
+                                   security=settings.kafka_security())
     else:
         from pipeline.local_bus import LocalBusPublisher
 

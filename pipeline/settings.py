@@ -8,11 +8,14 @@ durations seconds.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sinks.kafka_security import SECURITY_FIELDS, KafkaSecurityFields
 
 ENV_PREFIX = "TRACE_SOURCE_ASSEMBLER_"
 MiB = 1024 * 1024
@@ -24,6 +27,8 @@ SHARED_ENV = {
     "input_topic": "TRACE_SOURCE_KAFKA_TOPIC",
     "log_level": "TRACE_SOURCE_LOG_LEVEL",
     "log_format": "TRACE_SOURCE_LOG_FORMAT",
+    # Kafka TLS / SASL: the same variables as serve's and every worker's (read by _SharedSecurityEnv).
+    **{name: "TRACE_SOURCE_" + name.upper() for name in SECURITY_FIELDS},
 }
 
 
@@ -36,8 +41,21 @@ def _shared(name: str):
     return AliasChoices(name, ENV_PREFIX + name.upper(), SHARED_ENV[name])
 
 
-class AssemblerSettings(BaseSettings):
-    """Everything the assembler can be told; ``trace-source worker assemble --help`` documents each field."""
+class _SharedSecurityEnv(PydanticBaseSettingsSource):
+    """``TRACE_SOURCE_KAFKA_<...>`` for the Kafka security fields, below the assembler's own variables, so one set of
+    variables (or one Kubernetes Secret) configures the receiver, the assembler and the stage workers."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by the ABC, unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {name: os.environ[env] for name in SECURITY_FIELDS
+                if (env := SHARED_ENV[name]) in os.environ}
+
+
+class AssemblerSettings(BaseSettings, KafkaSecurityFields):
+    """Everything the assembler can be told; ``trace-source worker assemble --help`` documents each field. The
+    ``kafka_*`` security fields (TLS, SASL) come from :class:`sinks.kafka_security.KafkaSecurityFields`."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True)
 
@@ -50,6 +68,11 @@ class AssemblerSettings(BaseSettings):
                              description="Topic of per-trace OTLP batches to assemble (serve's --kafka-topic).")
     traces_topic: str = Field("trace-source.traces", description="Topic the envelopes are published to.")
     dlq_topic: str = Field("trace-source.dlq", description="Topic for undecodable input (error + original bytes).")
+    traces_index_topic: str = Field(
+        "trace-source.traces-index", description="Kafka: compacted topic indexing the envelopes per trace id, read "
+                                                 "on partition assignment so that late data after a restart or "
+                                                 "rebalance still becomes version N+1 of the whole trace. Empty = "
+                                                 "off.")
     group_id: str = Field("trace-source-assembler", description="Consumer group id.")
     group_instance_id: str | None = Field(
         None, description="Static group membership id (e.g. the StatefulSet pod name): a restarted worker gets its "
@@ -95,6 +118,11 @@ class AssemblerSettings(BaseSettings):
         "info", validation_alias=_shared("log_level"), description="Log level.")
     log_format: Literal["json", "console"] = Field(
         "json", validation_alias=_shared("log_format"), description="Log format.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _SharedSecurityEnv(settings_cls)
 
     @property
     def artifact_root(self) -> Path:

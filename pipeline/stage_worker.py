@@ -64,7 +64,8 @@ async def open_stores(settings: LoopSettings) -> Stores:
 
         publisher: BusPublisher = KafkaPublisher(
             settings.kafka_bootstrap_servers, max_message_bytes=settings.max_message_bytes,
-            compression_type=None if settings.compression == "none" else settings.compression)
+            compression_type=None if settings.compression == "none" else settings.compression,
+            security=settings.kafka_security())
     else:
         from pipeline.local_bus import LocalBusPublisher
 
@@ -90,7 +91,8 @@ def stage_consumer(settings: LoopSettings, stage: Stage) -> BusConsumer:
                                 group_id=settings.consumer_group or stage.group_id,
                                 client_id=f"trace-source-{stage.name}",
                                 max_poll_interval_ms=int(settings.max_poll_interval_s * 1000),
-                                group_instance_id=settings.group_instance_id)
+                                group_instance_id=settings.group_instance_id,
+                                security=settings.kafka_security())
     from pipeline.local_bus import LocalLogConsumer
 
     return LocalLogConsumer(settings.state_dir, topic=stage.input_topic,
@@ -109,23 +111,16 @@ def build_runner(settings: LoopSettings, stage: Stage, stores: Stores, metrics: 
 async def ensure_stage_topics(settings: LoopSettings, stage: Stage) -> None:
     """Create the stage's output topic and the DLQ if missing, with as many partitions as its input topic (unless
     ``topic_partitions``). Raises ``KafkaError``."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from sinks.kafka_admin import create_topic, partition_count
 
-    from sinks.kafka_admin import create_topic
-
+    security = settings.kafka_security()
     partitions = settings.topic_partitions
     if partitions is None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id="trace-source")
-        await admin.start()
-        try:
-            topics = await admin.describe_topics([stage.input_topic])
-        finally:
-            await admin.close()
-        found = [t for t in topics if t["topic"] == stage.input_topic and t["partitions"]]
-        partitions = len(found[0]["partitions"]) if found else 12
+        partitions = await partition_count(settings.kafka_bootstrap_servers, stage.input_topic, default=12,
+                                           security=security)
     for topic in (stage.input_topic, stage.output_topic, settings.dlq_topic):
         await create_topic(settings.kafka_bootstrap_servers, topic, partitions, settings.replication_factor,
-                           max_request_size=settings.max_message_bytes + 64 * 1024)
+                           max_request_size=settings.max_message_bytes + 64 * 1024, security=security)
 
 
 async def run_stage_worker(name: str, settings: LoopSettings, stop: asyncio.Event | None = None) -> None:
@@ -146,8 +141,10 @@ async def run_stage_worker(name: str, settings: LoopSettings, stop: asyncio.Even
     stores = await open_stores(settings)
     try:
         runner = build_runner(settings, stage, stores, metrics)
+        output_ready = getattr(stores.publisher, "ready", lambda: True)
         health, port = await start_health_server(metrics.registry, lambda: runner.started.is_set() and
-                                                 not stop.is_set(), settings.metrics_host, settings.metrics_port)
+                                                 not stop.is_set() and output_ready(), settings.metrics_host,
+                                                 settings.metrics_port)
         try:
             log.info("stage.serving", stage=name, metrics_port=port, input_topic=stage.input_topic,
                      output_topic=stage.output_topic, group_id=stage.group_id, policy=settings.execution_policy,

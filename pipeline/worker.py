@@ -106,24 +106,25 @@ class EmbeddedAssembler:
 
 async def ensure_output_topics(settings: AssemblerSettings) -> None:
     """Create the traces and DLQ topics if missing, with as many partitions as the input topic (unless
-    ``topic_partitions``) and ``max.message.bytes`` above ``max_message_bytes``. Raises ``KafkaError``."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    ``topic_partitions``) and ``max.message.bytes`` above ``max_message_bytes``; and the compacted traces index with
+    exactly as many partitions as the input topic (its layout is partition for partition). Raises ``KafkaError``."""
+    from sinks.kafka_admin import create_topic, partition_count
 
-    from sinks.kafka_admin import create_topic
-
+    security = settings.kafka_security()
     partitions = settings.topic_partitions
     if partitions is None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id="trace-source")
-        await admin.start()
-        try:
-            topics = await admin.describe_topics([settings.input_topic])
-        finally:
-            await admin.close()
-        found = [t for t in topics if t["topic"] == settings.input_topic and t["partitions"]]
-        partitions = len(found[0]["partitions"]) if found else 12
+        partitions = await partition_count(settings.kafka_bootstrap_servers, settings.input_topic, default=12,
+                                           security=security)
     for topic in (settings.traces_topic, settings.dlq_topic):
         await create_topic(settings.kafka_bootstrap_servers, topic, partitions, settings.replication_factor,
-                           max_request_size=settings.max_message_bytes + 64 * 1024)
+                           max_request_size=settings.max_message_bytes + 64 * 1024, security=security)
+    if settings.traces_index_topic:
+        from pipeline.closed_index import INDEX_TOPIC_CONFIG
+
+        inputs = await partition_count(settings.kafka_bootstrap_servers, settings.input_topic, default=partitions,
+                                       security=security)
+        await create_topic(settings.kafka_bootstrap_servers, settings.traces_index_topic, inputs,
+                           settings.replication_factor, dict(INDEX_TOPIC_CONFIG), security=security)
 
 
 def tune_gc() -> None:
@@ -150,9 +151,11 @@ async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = N
         if settings.kafka_bootstrap_servers:
             from pipeline.kafka_bus import KafkaConsumerBus, KafkaPublisher
 
+            security = settings.kafka_security()
             publisher = KafkaPublisher(
                 settings.kafka_bootstrap_servers, max_message_bytes=settings.max_message_bytes,
-                compression_type=None if settings.compression == "none" else settings.compression)
+                compression_type=None if settings.compression == "none" else settings.compression,
+                security=security)
             await publisher.start()
             stack.push_async_callback(publisher.stop)
             if settings.create_topics:
@@ -161,13 +164,27 @@ async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = N
                                     artifact_root=settings.artifact_root)
             consumer = KafkaConsumerBus(settings.kafka_bootstrap_servers, topic=settings.input_topic,
                                         group_id=settings.group_id, client_id="trace-source-assembler",
-                                        group_instance_id=settings.group_instance_id)
-            assembler = Assembler(consumer, output, settings, metrics=metrics, redactor=_redactor(settings))
+                                        group_instance_id=settings.group_instance_id, security=security)
+            lookup = None
+            if settings.traces_index_topic:
+                from pipeline.closed_index import KafkaClosedTraces
+
+                lookup = KafkaClosedTraces(
+                    settings.kafka_bootstrap_servers, index_topic=settings.traces_index_topic,
+                    traces_topic=settings.traces_topic, input_topic=settings.input_topic, publisher=publisher,
+                    artifact_root=settings.artifact_root, max_entries=settings.closed_traces_remembered,
+                    security=security)
+                await lookup.start()
+                stack.push_async_callback(lookup.stop)
+            assembler = Assembler(consumer, output, settings, metrics=metrics, redactor=_redactor(settings),
+                                  lookup=lookup)
         else:
             assembler = build_local_assembler(settings, metrics)
             stack.push_async_callback(assembler.output.publisher.stop)
-        runner, port = await start_health_server(metrics.registry, assembler.started.is_set, settings.metrics_host,
-                                                 settings.metrics_port)
+        output_ready = getattr(assembler.output.publisher, "ready", lambda: True)
+        runner, port = await start_health_server(metrics.registry,
+                                                 lambda: assembler.started.is_set() and output_ready(),
+                                                 settings.metrics_host, settings.metrics_port)
         stack.push_async_callback(runner.cleanup)
         log.info("assembler.serving", metrics_port=port, input_topic=settings.input_topic,
                  traces_topic=settings.traces_topic, group_id=settings.group_id,

@@ -13,6 +13,7 @@ code as the HTTP path.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -54,26 +55,41 @@ def _status_trailer(code: grpc.StatusCode, message: str, detail=None) -> tuple[t
 
 
 class GrpcReceiver:
-    """Builds and runs the ``grpc.aio`` server. ``max_message_bytes``: receive cap (int, bytes)."""
+    """Builds and runs the ``grpc.aio`` server. ``max_message_bytes``: receive cap (int, bytes); ``idle_timeout_s``:
+    idle connections are closed (GOAWAY) and handshakes must finish within it; ``max_connections``: open
+    connections (0 = no limit). A call the client cancelled (or whose deadline passed) is counted as
+    ``CANCELLED`` / ``DEADLINE_EXCEEDED`` and logged at info level, not as an error."""
 
     def __init__(self, service: ExportService, auth: Authenticator, metrics: ReceiverMetrics, *,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, idle_timeout_s: float = 60.0, max_connections: int = 0) -> None:
         self.service = service
         self.auth = auth
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
         self.server: grpc.aio.Server | None = None
 
-    def build(self, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-        """Create the server bound to ``host:port``; returns it and the bound port (``port`` 0 = any free port)."""
-        server = grpc.aio.server(options=[
+    def build(self, host: str, port: int,
+              credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+        """Create the server bound to ``host:port``; returns it and the bound port (``port`` 0 = any free port).
+        ``credentials``: TLS (``receiver.tls.ServerTls.grpc_credentials``); ``None`` = plaintext."""
+        idle_ms = int(self.idle_timeout_s * 1000)
+        options = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
-        ])
+            # gRPC's counterparts of the HTTP server's timeouts and connection limit (grpc core channel args).
+            ("grpc.max_connection_idle_ms", idle_ms),
+            ("grpc.server_handshake_timeout_ms", idle_ms),
+        ]
+        if self.max_connections:
+            options.append(("grpc.max_allowed_incoming_connections", self.max_connections))
+        server = grpc.aio.server(options=options)
         for service_name, signal in _SERVICES.items():
             handler = grpc.unary_unary_rpc_method_handler(self._handler(signal))
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, {"Export": handler}),))
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
+                 else server.add_insecure_port(f"{host}:{port}"))
         if bound == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
         self.server = server
@@ -115,6 +131,13 @@ class GrpcReceiver:
                                                             description=exc.message[:1024])]) \
                 if code is grpc.StatusCode.INVALID_ARGUMENT else None
             await self._abort(context, signal, code, exc.message, detail)
+        except asyncio.CancelledError:
+            # grpc cancels the handler when the client cancels or its deadline passes: the client's doing.
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            self.metrics.requests.labels("grpc", signal, code).inc()
+            log.info("client went away", request_id=request_id, detail=f"call {code.lower()} before the answer")
+            raise
         except Exception:  # a bug, never bad input
             log.exception("internal error while exporting", request_id=request_id)
             await self._abort(context, signal, grpc.StatusCode.INTERNAL, "internal error")

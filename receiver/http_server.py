@@ -40,7 +40,9 @@ _MEDIA_TYPES = {PROTOBUF: PROTOBUF, "application/protobuf": PROTOBUF, JSON: JSON
 _PATHS = {"/v1/traces": SIGNAL_TRACES, "/v1/logs": SIGNAL_LOGS}
 
 # google.rpc.Code values used in Status bodies (ReceiverError subclasses carry their own).
-_INTERNAL, _UNAVAILABLE, _UNAUTHENTICATED = 13, 14, 16
+_DEADLINE_EXCEEDED, _INTERNAL, _UNAVAILABLE, _UNAUTHENTICATED = 4, 13, 14, 16
+#: ``status`` label of a request whose client went away before the answer (nginx's 499 "client closed request").
+CLIENT_CLOSED = "499"
 _ACCEPT_ENCODING = ", ".join(sorted(SUPPORTED_ENCODINGS))
 # Bodies above this are decoded on a worker thread so one huge request does not stall the event loop.
 _OFFLOAD_BYTES = 1 << 20
@@ -48,16 +50,25 @@ _OFFLOAD_BYTES = 1 << 20
 
 class HttpReceiver:
     """Builds the aiohttp application. ``max_body_bytes`` caps the body before and after decompression (int, bytes);
-    ``cors_allowed_origins`` are exact origins or ``fnmatch`` patterns (``https://*.example.com``); empty = CORS off.
+    ``cors_allowed_origins`` are exact origins or ``fnmatch`` patterns (``https://*.example.com``); empty = CORS off;
+    ``read_timeout_s``: deadline for reading a body (408 and disconnect past it).
+
+    A client that goes away before its answer (it closed the connection mid-body, or its exporter timed out while
+    the sink was still making the data durable) is counted as status ``499`` (nginx's "client closed request")
+    and logged at info level: it is the client's doing, not a server error, and an operator alerting on 5xx must
+    not be paged by exporters timing out under load. The exporter retries; data it sent before the cut may have
+    been stored, which the assembler's dedupe absorbs.
     """
 
     def __init__(self, service: ExportService, auth: Authenticator, metrics: ReceiverMetrics, *,
                  max_body_bytes: int, cors_allowed_origins: list[str] | None = None,
-                 cors_allowed_headers: list[str] | None = None, cors_max_age_s: int = 7200) -> None:
+                 cors_allowed_headers: list[str] | None = None, cors_max_age_s: int = 7200,
+                 read_timeout_s: float = 60.0) -> None:
         self.service = service
         self.auth = auth
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
         self.cors_origins = list(cors_allowed_origins or [])
         self.cors_headers = cors_allowed_headers or ["Content-Type", "Content-Encoding", "Authorization",
                                                      "X-Requested-With"]
@@ -76,6 +87,15 @@ class HttpReceiver:
             app.router.add_route("POST", path, self._export)
             app.router.add_route("OPTIONS", path, self._preflight)
             app.router.add_route("*", path, self._method_not_allowed)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    def ops_app(self) -> web.Application:
+        """Just ``/healthz``, ``/readyz`` and ``/metrics``: for a separate plain-HTTP port that probes and scrapers
+        can reach when the OTLP port requires client certificates (mTLS)."""
+        app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -127,18 +147,21 @@ class HttpReceiver:
                     f"unsupported media type {request.content_type!r}, supported: [{JSON}, {PROTOBUF}]")
             source_id = self.auth.source_for(request.headers.get("Authorization"))
             if source_id is None:
-                return self._reply(signal, 401, status_body(_UNAUTHENTICATED, "missing or invalid bearer token",
-                                                            reply_type), reply_type, request_id,
-                                   {"WWW-Authenticate": 'Bearer realm="trace-source"'})
+                return self._reply(request, signal, 401, status_body(
+                    _UNAUTHENTICATED, "missing or invalid bearer token", reply_type), reply_type, request_id,
+                    {"WWW-Authenticate": 'Bearer realm="trace-source"'})
             length = request.content_length
             if length is not None and length > self.max_body_bytes:
                 raise PayloadTooLarge(self.max_body_bytes)
             self.service.reserve(max(length or 0, 0))  # raises when refused: nothing reserved, nothing to release
             reserved = max(length or 0, 0)
             try:
-                raw = await request.read()
+                async with asyncio.timeout(self.read_timeout_s):
+                    raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise PayloadTooLarge(self.max_body_bytes) from None
+            except TimeoutError:
+                return self._body_timeout(request, signal, reply_type, request_id)
             self.metrics.received_bytes.labels("http").inc(len(raw))
             encoding = request.headers.get("Content-Encoding")
             if len(raw) > _OFFLOAD_BYTES:
@@ -163,34 +186,52 @@ class HttpReceiver:
                 else:
                     message = parse()
             outcome = await self.service.export(signal, message, source_id, received_at_ns, wire)
-            return self._reply(signal, 200, export_response_body(signal, outcome.rejected, outcome.error_message,
-                                                                 reply_type), reply_type, request_id)
+            return self._reply(request, signal, 200, export_response_body(
+                signal, outcome.rejected, outcome.error_message, reply_type), reply_type, request_id)
         except SinkUnavailable as exc:
             log.warning("export refused, client should retry", request_id=request_id, reason=str(exc))
-            return self._reply(signal, 503, status_body(_UNAVAILABLE, str(exc), reply_type,
-                                                        retry_after_s=exc.retry_after_s),
+            return self._reply(request, signal, 503, status_body(_UNAVAILABLE, str(exc), reply_type,
+                                                                 retry_after_s=exc.retry_after_s),
                                reply_type, request_id, {"Retry-After": str(exc.retry_after_s)})
         except ReceiverError as exc:
             log.info("export rejected", request_id=request_id, status=exc.http_status, reason=exc.message)
             if type(exc) is UnsupportedMediaType:  # no encoding to answer in: plain text, like the Collector
-                return self._reply(signal, 415, exc.message.encode(), "text/plain", request_id)
+                return self._reply(request, signal, 415, exc.message.encode(), "text/plain", request_id)
             headers = {"Accept-Encoding": _ACCEPT_ENCODING} if isinstance(exc, UnsupportedEncoding) else None
             field = (getattr(exc, "field", None) or "body") if isinstance(exc, BadRequest) else None
-            return self._reply(signal, exc.http_status, status_body(exc.grpc_code, exc.message, reply_type,
-                                                                    bad_request_field=field),
-                               reply_type, request_id, headers)
+            return self._reply(request, signal, exc.http_status, status_body(
+                exc.grpc_code, exc.message, reply_type, bad_request_field=field), reply_type, request_id, headers)
+        except (ConnectionResetError, web.RequestPayloadError) as exc:  # the client went away mid-body
+            return self._gone(request, signal, request_id, f"connection lost while reading the body: {exc}")
         except Exception:  # a bug, never bad input: answer 500 rather than dropping the connection
             log.exception("internal error while exporting", request_id=request_id)
-            return self._reply(signal, 500, status_body(_INTERNAL, "internal error", reply_type), reply_type,
-                               request_id)
+            return self._reply(request, signal, 500, status_body(_INTERNAL, "internal error", reply_type),
+                               reply_type, request_id)
         finally:
             self.service.release(reserved)
 
-    def _reply(self, signal: str, status: int, body: bytes, content_type: str, request_id: str,
-               headers: dict[str, str] | None = None) -> web.Response:
-        self.metrics.requests.labels("http", signal, str(status)).inc()
+    def _reply(self, request: web.Request, signal: str, status: int, body: bytes, content_type: str,
+               request_id: str, headers: dict[str, str] | None = None) -> web.Response:
         response = web.Response(status=status, body=body, content_type=content_type, headers=headers)
         response.headers["X-Request-Id"] = request_id
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            # Nobody is listening any more (e.g. the exporter's timeout fired while the sink worked).
+            return self._gone(request, signal, request_id, f"client left before the answer ({status})")
+        self.metrics.requests.labels("http", signal, str(status)).inc()
+        return response
+
+    def _gone(self, request: web.Request, signal: str, request_id: str, what: str) -> web.Response:
+        self.metrics.requests.labels("http", signal, CLIENT_CLOSED).inc()
+        log.info("client went away", request_id=request_id, detail=what)
+        return web.Response(status=499)  # never sent: the connection is gone
+
+    def _body_timeout(self, request: web.Request, signal: str, reply_type: str, request_id: str) -> web.Response:
+        log.info("request body too slow, disconnecting", request_id=request_id, read_timeout_s=self.read_timeout_s)
+        response = self._reply(request, signal, 408, status_body(_DEADLINE_EXCEEDED, (
+            f"request body not received within {self.read_timeout_s:g} s"), reply_type), reply_type, request_id,
+            {"Connection": "close"})
+        response.force_close()
         return response
 
     # --- operations -------------------------------------------------------------------------------------------
@@ -199,9 +240,13 @@ class HttpReceiver:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        ready = not self.shutting_down and await self.service.sink.ready()
-        return web.json_response({"ready": ready, "sink": self.service.sink.describe(),
-                                  "shutting_down": self.shutting_down}, status=200 if ready else 503)
+        sink = self.service.sink
+        ready = not self.shutting_down and await sink.ready()
+        body = {"ready": ready, "sink": sink.describe(), "shutting_down": self.shutting_down}
+        reason = None if ready else getattr(sink, "not_ready_reason", None)
+        if reason:
+            body["reason"] = reason  # e.g. the broker refused our password; operators see it in the probe output
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})

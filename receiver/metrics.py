@@ -55,6 +55,11 @@ class ReceiverMetrics:
         self.inflight_bytes = Gauge("trace_source_inflight_bytes",
                                     "Bytes held by requests in flight plus bytes waiting in the sink.", registry=r,
                                     multiprocess_mode="livesum")
+        self.open_connections = Gauge("trace_source_open_connections", "Open OTLP/HTTP connections.", ["protocol"],
+                                      registry=r, multiprocess_mode="livesum")
+        self.connections_refused = Counter("trace_source_connections_refused_total",
+                                           "Connections closed on arrival because --max-connections were open.",
+                                           ["protocol"], registry=r)
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self._inflight_fn = inflight_bytes_fn
         if inflight_bytes_fn is not None and not self.multiprocess:

@@ -12,6 +12,14 @@ batches do not expire), and ``send()`` itself may wait for metadata or for room 
 while the records already handed over stay queued inside the producer and are delivered when the broker returns.
 :attr:`KafkaSink.inflight_bytes` counts exactly those bytes, so the receiver can refuse new work instead of letting
 them pile up.
+
+Fatal producer states (a refused batch burns the idempotent producer's sequence numbers; a dead sender task) are
+handled by :class:`sinks.kafka_producer.ManagedProducer`: the producer is replaced, writes meanwhile raise
+:class:`sinks.base.SinkUnavailable` and :meth:`KafkaSink.ready` is False until the new one passed the probe.
+
+Security (TLS, SASL): ``security`` (:class:`sinks.kafka_security.KafkaSecurity`); credentials or certificates the
+cluster refuses make :meth:`KafkaSink.start` fail at once with :class:`sinks.kafka_security.KafkaSecurityError`
+instead of retrying, and while running they are named in :attr:`KafkaSink.not_ready_reason`.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import TopicPartition
 
 from sinks.base import SPANS_TOPIC, Batch, RecordTooLarge, SinkUnavailable
+from sinks.kafka_producer import ManagedProducer
+from sinks.kafka_security import KafkaSecurity, KafkaSecurityError, aiokafka_kwargs, diagnose
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +63,7 @@ class KafkaSink:
     - ``retry_after_s``: the ``retry_after_s`` carried by the :class:`sinks.base.SinkUnavailable` raised.
     - ``start_timeout_s``: how long ``start()`` keeps trying to reach the cluster.
     - ``probe_interval_s`` / ``probe_timeout_s``: cadence and per-broker timeout of the readiness probe.
+    - ``security``: TLS / SASL settings (``None`` = PLAINTEXT).
     """
 
     name = "kafka"
@@ -73,6 +84,7 @@ class KafkaSink:
         start_timeout_s: float = 15.0,
         probe_interval_s: float = 2.0,
         probe_timeout_s: float = 1.0,
+        security: KafkaSecurity | None = None,
     ) -> None:
         if max_batch_size > max_request_size:
             raise ValueError(f"max_batch_size ({max_batch_size}) must not exceed max_request_size ({max_request_size})")
@@ -89,9 +101,13 @@ class KafkaSink:
         self.start_timeout_s = start_timeout_s
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
-        self._producer: AIOKafkaProducer | None = None
+        self.security = security
+        self._slot = ManagedProducer(self._new_producer, bootstrap_servers=bootstrap_servers, security=security,
+                                     close_timeout_s=write_timeout_s, check=self._check)
         self._inflight_bytes = 0
         self._ready = False
+        self._not_ready_reason: str | None = "not started"
+        self._started = False
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_now = asyncio.Event()
 
@@ -109,7 +125,9 @@ class KafkaSink:
         """Connect, obtain a producer id, and check that ``topic`` exists with a leader for every partition.
 
         Retries with backoff for up to ``start_timeout_s``, then raises :class:`sinks.base.SinkUnavailable`
-        naming the bootstrap servers and the last error.
+        naming the bootstrap servers and the last error. Raises
+        :class:`sinks.kafka_security.KafkaSecurityError` at once when the cluster refuses the credentials or the
+        certificates (retrying cannot help).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout_s
@@ -117,18 +135,21 @@ class KafkaSink:
         problem: str | None = "no answer from the cluster"
         while True:
             attempt += 1
-            producer = self._new_producer()
+            producer = None
             try:
                 async with asyncio.timeout_at(deadline):
-                    await producer.start()
-                    problem = await _probe(producer, self.topic, self.probe_timeout_s)
+                    producer = await self._slot.open()
+                    problem = await self._check(producer)
             except TimeoutError:
                 pass  # cut short by the deadline: the previous attempt's problem is the informative one
+            except KafkaSecurityError:
+                raise
             except (KafkaError, OSError) as exc:
                 problem = str(exc) or type(exc).__name__  # aiokafka's str() already names the error class
             if problem is None:
                 break
-            await self._close_producer(producer)
+            if producer is not None:
+                await self._slot.close(producer)
             remaining = deadline - loop.time()
             log.warning("kafka.start_retry", bootstrap_servers=self.bootstrap_servers, attempt=attempt, error=problem)
             if remaining <= 0:
@@ -138,10 +159,13 @@ class KafkaSink:
                     retry_after_s=self.retry_after_s,
                 )
             await asyncio.sleep(min(remaining, 0.25 * 2 ** min(attempt, 3)))
-        self._producer = producer
+        self._slot.serve(producer)
+        self._started = True
         self._ready = True
+        self._not_ready_reason = None
         self._probe_task = asyncio.create_task(self._probe_loop(), name="kafka-sink-probe")
-        log.info("kafka.started", bootstrap_servers=self.bootstrap_servers, topic=self.topic, attempts=attempt)
+        log.info("kafka.started", bootstrap_servers=self.bootstrap_servers, topic=self.topic, attempts=attempt,
+                 security=(self.security or KafkaSecurity()).describe())
 
     async def write(self, batch: Batch) -> None:
         """Produce every record of ``batch`` to ``topic`` and return once all are acknowledged (``acks=all``).
@@ -152,11 +176,17 @@ class KafkaSink:
         deadline ``write_timeout_s`` passes, or Kafka reports an error. After ``SinkUnavailable`` some records of
         the batch may still land later.
         """
-        producer = self._producer
-        if producer is None:
+        if not self._started:
             raise SinkUnavailable(f"Kafka sink for {self.bootstrap_servers} is not started")
         if not batch.records:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.write_timeout_s
+        producer = await self._slot.wait_usable(self.write_timeout_s / 2)
+        if producer is None:
+            self._ready = False
+            raise SinkUnavailable(f"Kafka at {self.bootstrap_servers}: {self._slot.problem}",
+                                  retry_after_s=self.retry_after_s)
         if self._inflight_bytes >= self.max_inflight_bytes:
             self._probe_now.set()
             raise SinkUnavailable(
@@ -178,8 +208,6 @@ class KafkaSink:
                 )
             prepared.append((record, headers, size))
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.write_timeout_s
         deliveries: list[asyncio.Future] = []
         try:
             # send() can wait for metadata (unknown topic, broker unreachable) or for room in a full partition
@@ -200,6 +228,7 @@ class KafkaSink:
             raise self._too_large(exc, record.key, size) from exc
         except KafkaError as exc:
             self._probe_now.set()
+            self._slot.usable()  # send() raises the dead sender's error: notice it now
             raise SinkUnavailable(
                 f"Kafka at {self.bootstrap_servers} refused records for topic {self.topic}: {exc!r}",
                 retry_after_s=self.retry_after_s,
@@ -213,6 +242,9 @@ class KafkaSink:
                 f"{len(prepared)} records for topic {self.topic} within {self.write_timeout_s:g} s",
                 retry_after_s=self.retry_after_s,
             )
+        failures = [d.exception() for d in deliveries if d.exception() is not None]
+        if failures:
+            self._slot.delivery_failed(producer, failures[0])
         for delivery, (record, _, size) in zip(deliveries, prepared, strict=True):
             exc = delivery.exception()
             if isinstance(exc, MessageSizeTooLargeError):
@@ -225,12 +257,22 @@ class KafkaSink:
                 ) from exc
 
     async def ready(self) -> bool:
-        """True while the last readiness probe reached the cluster and found a leader for every partition.
+        """True while a producer is in service and the last readiness probe reached the cluster and found a leader
+        for every partition.
 
         The probe runs every ``probe_interval_s`` and right after a failed write, so this turns False within about
-        one probe interval after the cluster becomes unreachable and True again after it returns.
+        one probe interval after the cluster becomes unreachable and True again after it returns. Why it is False:
+        :attr:`not_ready_reason`.
         """
-        return self._producer is not None and self._ready
+        return self._started and self._ready and self._slot.usable() is not None
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why :meth:`ready` is False (the producer being replaced, the probe's finding with the cause of failed
+        connections, e.g. a refused password), or ``None``."""
+        if self._started and self._slot.usable() is None:
+            return self._slot.problem
+        return None if self._ready else self._not_ready_reason
 
     async def stop(self) -> None:
         """Stop probing, give queued records up to ``write_timeout_s`` to be acknowledged, and close the producer.
@@ -242,11 +284,10 @@ class KafkaSink:
             self._probe_task.cancel()
             await asyncio.gather(self._probe_task, return_exceptions=True)
             self._probe_task = None
-        producer, self._producer = self._producer, None
         self._ready = False
-        if producer is not None:
-            await self._close_producer(producer)
-            log.info("kafka.stopped", bootstrap_servers=self.bootstrap_servers, inflight_bytes=self._inflight_bytes)
+        self._started = False
+        await self._slot.stop()
+        log.info("kafka.stopped", bootstrap_servers=self.bootstrap_servers, inflight_bytes=self._inflight_bytes)
 
     def describe(self) -> str:
         return f"kafka {self.bootstrap_servers} (topic {self.topic}, compression {self.compression_type or 'none'})"
@@ -265,22 +306,11 @@ class KafkaSink:
             # Below aiokafka's 40 s so a connection to a hung broker is dropped and retried sooner; it does not
             # bound write(), which has its own deadline.
             request_timeout_ms=self.request_timeout_ms,
+            **aiokafka_kwargs(self.security),
         )
 
-    async def _close_producer(self, producer: AIOKafkaProducer) -> None:
-        # stop() first flushes, and with the broker gone it would wait forever (idempotent batches never expire).
-        try:
-            async with asyncio.timeout(self.write_timeout_s):
-                await producer.stop()
-        except TimeoutError:
-            log.warning(
-                "kafka.stop_abandons_records",
-                bootstrap_servers=self.bootstrap_servers,
-                inflight_bytes=self._inflight_bytes,
-            )
-            # The producer is already marked closed; dropping its connections leaves its sender task idle until
-            # the event loop shuts down and cancels it.
-            await producer.client.close()
+    async def _check(self, producer: AIOKafkaProducer) -> str | None:
+        return await _probe(producer, self.topic, self.probe_timeout_s)
 
     def _track(self, delivery: asyncio.Future, size: int) -> None:
         self._inflight_bytes += size
@@ -303,7 +333,6 @@ class KafkaSink:
         )
 
     async def _probe_loop(self) -> None:
-        assert self._producer is not None
         while True:
             try:
                 async with asyncio.timeout(self.probe_interval_s):
@@ -311,13 +340,23 @@ class KafkaSink:
             except TimeoutError:
                 pass
             self._probe_now.clear()
-            problem = await _probe(self._producer, self.topic, self.probe_timeout_s)
-            if (problem is None) != self._ready:
+            producer = self._slot.usable()
+            if producer is None:
+                problem = self._slot.problem
+            else:
+                problem = await _probe(producer, self.topic, self.probe_timeout_s)
+                if problem is not None and problem.startswith("no broker answered"):
+                    # aiokafka logs why it cannot connect but reports only "not ready": name the cause
+                    found = await diagnose(self.bootstrap_servers, self.security, timeout_s=self.probe_timeout_s * 3)
+                    if found is not None:
+                        problem = f"{problem}: {found}"
+            if (problem is None) != self._ready or problem != self._not_ready_reason:
                 if problem is None:
                     log.info("kafka.ready", bootstrap_servers=self.bootstrap_servers, topic=self.topic)
                 else:
                     log.warning("kafka.not_ready", bootstrap_servers=self.bootstrap_servers, reason=problem)
             self._ready = problem is None
+            self._not_ready_reason = problem
 
 
 async def _probe(producer: AIOKafkaProducer, topic: str, timeout_s: float) -> str | None:

@@ -7,6 +7,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import NoError, TopicAlreadyExistsError, for_code
 
 from sinks.kafka import CLIENT_ID
+from sinks.kafka_security import KafkaSecurity, aiokafka_kwargs, start_or_explain
 
 log = structlog.get_logger(__name__)
 
@@ -20,6 +21,7 @@ async def create_topic(
     *,
     max_request_size: int | None = None,
     request_timeout_ms: int = 15000,
+    security: KafkaSecurity | None = None,
 ) -> bool:
     """Create ``topic`` unless it exists. Returns True if it was created, False if it already existed.
 
@@ -29,15 +31,17 @@ async def create_topic(
     ``config["max.message.bytes"]`` wins). An existing topic is left unchanged, whatever its settings.
 
     Raises ``aiokafka.errors.KafkaError`` if the cluster is unreachable or refuses the request (e.g.
-    ``InvalidReplicationFactorError`` when asking for more replicas than brokers).
+    ``InvalidReplicationFactorError`` when asking for more replicas than brokers);
+    ``sinks.kafka_security.KafkaSecurityError`` when ``security`` does not get us in.
     """
     topic_config = dict(config or {})
     if max_request_size is not None:
         topic_config.setdefault("max.message.bytes", str(max_request_size))
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, client_id=CLIENT_ID, request_timeout_ms=request_timeout_ms
+        bootstrap_servers=bootstrap_servers, client_id=CLIENT_ID, request_timeout_ms=request_timeout_ms,
+        **aiokafka_kwargs(security),
     )
-    await admin.start()
+    await start_or_explain(admin.start, bootstrap_servers, security)
     try:
         if replication_factor is None:
             brokers = (await admin.describe_cluster())["brokers"]
@@ -67,3 +71,16 @@ async def create_topic(
         bootstrap_servers=bootstrap_servers,
     )
     return True
+
+
+async def partition_count(bootstrap_servers: str, topic: str, *, default: int,
+                          security: KafkaSecurity | None = None) -> int:
+    """Number of partitions of ``topic``, or ``default`` when it does not exist. Raises ``KafkaError``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id=CLIENT_ID, **aiokafka_kwargs(security))
+    await start_or_explain(admin.start, bootstrap_servers, security)
+    try:
+        topics = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    found = [t for t in topics if t["topic"] == topic and t["partitions"]]
+    return len(found[0]["partitions"]) if found else default

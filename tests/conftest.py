@@ -18,6 +18,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -29,10 +30,12 @@ from kafka_harness import (
     KafkaBroker,
     KafkaCluster,
     KafkaHarnessError,
+    SecureListeners,
     create_topic,
     probe_kafka,
 )
 from pipeline.postgres_store import describe_url
+from tls_support import Pki, make_pki
 
 if TYPE_CHECKING:
     from fake_github import FakeGitHub
@@ -82,6 +85,47 @@ def kafka_bootstrap() -> Iterator[str]:
         yield broker.bootstrap_servers
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Certificates for the session (CA, server for 127.0.0.1/::1/localhost, client, an unrelated CA)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@dataclass(frozen=True)
+class SecureKafka:
+    """The session's secured broker: ``cluster`` (its ``listener_bootstrap("SASL_SSL" | "SSL" | "SASL_PLAINTEXT")``),
+    the ``pki`` its certificates come from, and the SCRAM ``user``/``password`` (PLAIN: ``plain_user``/
+    ``plain_password``)."""
+
+    cluster: KafkaCluster
+    pki: Pki
+    user: str = "alice"
+    password: str = "alice-secret"
+    plain_user: str = "bob"
+    plain_password: str = "bob-secret"
+
+    @property
+    def plaintext(self) -> str:
+        return self.cluster.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(pki: Pki) -> Iterator[SecureKafka]:
+    """One broker for the session with SASL_SSL (SCRAM users created at format time, PLAIN, OAUTHBEARER), SSL with
+    client authentication required, and SASL_PLAINTEXT listeners next to PLAINTEXT; always started by the harness
+    (an outside broker cannot be assumed to have them)."""
+    fields = SecureKafka.__dataclass_fields__
+    cluster = KafkaBroker(secure=SecureListeners(
+        keystore_pem=pki.server.pem, truststore_pem=pki.ca,
+        scram_users={fields["user"].default: fields["password"].default},
+        plain_users={fields["plain_user"].default: fields["plain_password"].default}))
+    _or_fail(cluster.start)
+    try:
+        yield SecureKafka(cluster=cluster, pki=pki)
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -314,6 +314,21 @@ def make_agent_traces(provider: TracerProvider, scope: tuple[str, str], n_traces
     return ids
 
 
+def finished_agent_spans(n_traces: int, service: str, scope: tuple[str, str]):
+    """``n_traces`` agent runs (:func:`make_agent_traces`) recorded but not sent: (span id -> trace id, the finished
+    spans), for a test to export with exporters of its choosing."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service}), shutdown_on_exit=False)
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    ids = make_agent_traces(provider, scope, n_traces)
+    provider.shutdown()
+    return ids, memory.get_finished_spans()
+
+
 def span_exporter(serve, transport: str, gzip: bool = False, headers: dict | None = None, timeout: float = 30):
     """The SDK's OTLP span exporter for ``serve`` (a ServeProcess): ``transport`` ``"http"`` (protobuf) or
     ``"grpc"`` (insecure), optionally gzip-compressed, with extra ``headers`` and the exporter's overall ``timeout``

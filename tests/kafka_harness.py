@@ -13,6 +13,9 @@ Pieces:
   per-node stop/start/kill for fault tests; :class:`KafkaBroker` is the one-node case.
 * :func:`probe_kafka` checks that a broker answers; :func:`create_topic` makes a topic
   and raises the broker's error (the test brokers never auto-create topics).
+* :class:`SecureListeners` adds SASL_SSL, SSL (client authentication required) and
+  SASL_PLAINTEXT listeners next to the PLAINTEXT one, with SCRAM users created when the
+  storage is formatted; :meth:`KafkaCluster.listener_bootstrap` gives their addresses.
 * ``python tests/kafka_harness.py --fetch`` / ``--run [--nodes 3]`` for developers.
 
 The core classes do not depend on pytest; ``tests/conftest.py`` wraps them in fixtures.
@@ -41,6 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -213,13 +217,80 @@ def _tail(text: str, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+@dataclass(frozen=True)
+class SecureListeners:
+    """Listeners with TLS and SASL next to the PLAINTEXT one (which the harness itself, the
+    controllers and the brokers among themselves keep using).
+
+    * ``SASL_SSL``: SCRAM-SHA-256, SCRAM-SHA-512 (users in ``scram_users``, created by
+      ``kafka-storage format --add-scram``), PLAIN (``plain_users``) and OAUTHBEARER (Kafka's
+      *unsecured* JWS validator: any ``alg: none`` token with ``sub``, ``iat`` and ``exp``).
+    * ``SSL``: TLS with ``ssl.client.auth=required``; client certificates must chain to
+      ``truststore_pem``.
+    * ``SASL_PLAINTEXT``: the same SASL mechanisms without TLS.
+
+    ``keystore_pem``: the broker's private key and certificate chain in one PEM file
+    (``ssl.keystore.type=PEM``, key unencrypted); ``truststore_pem``: CA certificates the
+    SSL listener trusts for client certificates.
+    """
+
+    keystore_pem: Path
+    truststore_pem: Path
+    scram_users: Mapping[str, str] = field(default_factory=dict)
+    plain_users: Mapping[str, str] = field(default_factory=dict)
+
+    LISTENERS = ("SASL_SSL", "SSL", "SASL_PLAINTEXT")
+    MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+
+    def properties(self, host: str, ports: Mapping[str, int]) -> dict[str, str]:
+        """Broker properties for these listeners (``ports``: listener name -> port)."""
+        props = {
+            "sasl.enabled.mechanisms": ",".join(self.MECHANISMS),
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(self.keystore_pem),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.truststore_pem),
+            "listener.name.ssl.ssl.client.auth": "required",
+        }
+        plain = " ".join(f'user_{u}="{p}"' for u, p in self.plain_users.items())
+        for name in ("sasl_ssl", "sasl_plaintext"):
+            prefix = f"listener.name.{name}"
+            scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            props[f"{prefix}.scram-sha-256.sasl.jaas.config"] = scram
+            props[f"{prefix}.scram-sha-512.sasl.jaas.config"] = scram
+            props[f"{prefix}.plain.sasl.jaas.config"] = (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain};"
+            )
+            props[f"{prefix}.oauthbearer.sasl.jaas.config"] = (
+                "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required "
+                'unsecuredLoginStringClaim_sub="broker";'
+            )
+        return props
+
+    def format_args(self) -> list[str]:
+        """``kafka-storage format`` arguments creating the SCRAM users (both mechanisms)."""
+        args = []
+        for user, password in self.scram_users.items():
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                args += ["--add-scram", f"{mechanism}=[name={user},password={password}]"]
+        return args
+
+
 class _Node:
     """One combined broker+controller JVM; its ports and directories survive restarts."""
 
-    def __init__(self, node_id: int, root: Path, broker_port: int, controller_port: int):
+    def __init__(
+        self,
+        node_id: int,
+        root: Path,
+        broker_port: int,
+        controller_port: int,
+        extra_ports: Mapping[str, int] | None = None,
+    ):
         self.node_id = node_id
         self.broker_port = broker_port
         self.controller_port = controller_port
+        self.extra_ports = dict(extra_ports or {})  # listener name -> port
         self.dir = root / f"node-{node_id}"
         self.data_dir = self.dir / "data"
         self.logs_dir = self.dir / "logs"
@@ -305,7 +376,8 @@ class KafkaCluster:
     ``min.insync.replicas`` one less (at least 1), applied to the internal offsets and
     transaction topics too. Those internal topics get one partition each because their
     default of 50 makes the first consumer-group join slow on a small machine.
-    ``overrides`` adds or replaces broker properties.
+    ``overrides`` adds or replaces broker properties; ``secure`` adds TLS/SASL listeners
+    (:class:`SecureListeners`).
     """
 
     def __init__(
@@ -316,6 +388,7 @@ class KafkaCluster:
         startup_timeout: float = 120.0,
         shutdown_timeout: float = 30.0,
         overrides: Mapping[str, str] | None = None,
+        secure: SecureListeners | None = None,
     ):
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
@@ -324,6 +397,7 @@ class KafkaCluster:
         self.startup_timeout = startup_timeout
         self.shutdown_timeout = shutdown_timeout
         self.overrides = dict(overrides or {})
+        self.secure = secure
         self.replication_factor = min(nodes, 3)
         self.min_insync_replicas = max(1, self.replication_factor - 1)
         self._libs: Path | None = None
@@ -338,11 +412,15 @@ class KafkaCluster:
             raise KafkaHarnessError("cluster already started")
         self._libs = ensure_kafka_jars(self.version)
         self._root = Path(tempfile.mkdtemp(prefix="trace-source-kafka-"))
-        ports = _free_ports(2 * self.node_count)
-        self._nodes = [
-            _Node(i + 1, self._root, ports[2 * i], ports[2 * i + 1])
-            for i in range(self.node_count)
-        ]
+        extra = SecureListeners.LISTENERS if self.secure else ()
+        per_node = 2 + len(extra)
+        ports = _free_ports(per_node * self.node_count)
+        self._nodes = []
+        for i in range(self.node_count):
+            mine = ports[per_node * i : per_node * (i + 1)]
+            self._nodes.append(
+                _Node(i + 1, self._root, mine[0], mine[1], dict(zip(extra, mine[2:])))
+            )
         _live_clusters.add(self)
         try:
             self._format_all()
@@ -411,6 +489,43 @@ class KafkaCluster:
             raise KafkaHarnessError("cluster is not started")
         return ",".join(node.address for node in self._nodes)
 
+    def listener_bootstrap(self, listener: str) -> str:
+        """Comma-separated ``host:port`` of every node's *listener* (``SASL_SSL``, ``SSL``,
+        ``SASL_PLAINTEXT``; needs ``secure``), e.g. for a client using that protocol."""
+        if not self._nodes:
+            raise KafkaHarnessError("cluster is not started")
+        if listener not in self._nodes[0].extra_ports:
+            raise KafkaHarnessError(f"no {listener} listener (start the cluster with secure=...)")
+        return ",".join(f"{HOST}:{node.extra_ports[listener]}" for node in self._nodes)
+
+    def run_tool(self, main_class: str, *args: str, timeout: float = 120.0) -> str:
+        """Run one of Kafka's command-line tools (e.g. ``kafka.admin.ConfigCommand``) from the
+        broker's class path; returns its output, raises :class:`KafkaHarnessError` on failure."""
+        if not self._nodes or self._libs is None:
+            raise KafkaHarnessError("cluster is not started")
+        node = self._nodes[0]
+        proc = subprocess.run(
+            node.java_command(self._libs, main_class, *args),
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        output = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            raise KafkaHarnessError(f"{main_class} {' '.join(args)} failed:\n{_tail(output, 30)}")
+        return output
+
+    def set_scram_password(
+        self, user: str, password: str, mechanisms: tuple[str, ...] = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+    ) -> None:
+        """Change (or create) *user*'s SCRAM credentials for *mechanisms* on the running
+        cluster, through the PLAINTEXT listener (one tool run per mechanism: Kafka refuses
+        two changes of one user in a request). Existing connections stay authenticated."""
+        for mechanism in mechanisms:
+            self.run_tool(
+                "kafka.admin.ConfigCommand", "--bootstrap-server", self.bootstrap_servers,
+                "--alter", "--add-config", f"{mechanism}=[iterations=4096,password={password}]",
+                "--entity-type", "users", "--entity-name", user,
+            )  # fmt: skip
+
     def node_address(self, index: int) -> str:
         """``host:port`` of node *index* (0-based), e.g. to check a client's failover."""
         return self._node(index).address
@@ -429,17 +544,22 @@ class KafkaCluster:
     def _properties(self, node: _Node) -> dict[str, str]:
         voters = ",".join(f"{n.node_id}@{HOST}:{n.controller_port}" for n in self._nodes)
         rf, min_isr = str(self.replication_factor), str(self.min_insync_replicas)
+        extra = "".join(f",{name}://{HOST}:{port}" for name, port in node.extra_ports.items())
+        protocols = "".join(f",{name}:{name}" for name in node.extra_ports)
         props = {
             "process.roles": "broker,controller",
             "node.id": str(node.node_id),
             "controller.quorum.voters": voters,
             "listeners": (
                 f"PLAINTEXT://{HOST}:{node.broker_port},CONTROLLER://{HOST}:{node.controller_port}"
+                + extra
             ),
-            "advertised.listeners": f"PLAINTEXT://{node.address}",
+            "advertised.listeners": f"PLAINTEXT://{node.address}{extra}",
             "inter.broker.listener.name": "PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": (
+                f"CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT{protocols}"
+            ),
             "log.dirs": str(node.data_dir),
             "num.partitions": "3",
             "default.replication.factor": rf,
@@ -460,6 +580,8 @@ class KafkaCluster:
             "broker.heartbeat.interval.ms": "500",
             "broker.session.timeout.ms": "4000",
         }
+        if self.secure is not None:
+            props.update(self.secure.properties(HOST, node.extra_ports))
         props.update(self.overrides)
         return props
 
@@ -481,6 +603,7 @@ class KafkaCluster:
             cmd = node.java_command(
                 self._libs, "kafka.tools.StorageTool",
                 "format", "-t", cluster_id, "-c", str(node.config),
+                *(self.secure.format_args() if self.secure else ()),
             )  # fmt: skip
             procs.append(
                 subprocess.Popen(

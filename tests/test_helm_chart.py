@@ -30,6 +30,7 @@ from click.testing import CliRunner
 
 from pipeline.loop_settings import STAGE_FIELDS, LoopSettings, fields_for
 from pipeline.settings import AssemblerSettings
+from sinks.kafka_security import SECURITY_FIELDS
 from trace_source.cli import main
 from trace_source.settings import ServeSettings
 
@@ -59,15 +60,21 @@ or put any Helm 3.x/4.x `helm` on PATH."""
 
 # ServeSettings fields the chart sets from dedicated values, and those that only matter for the embedded local log
 # (which the chart does not offer). Every other field must be accepted under receiver.settings.
+# Kafka TLS / SASL (kafka.security) and OTLP TLS (receiver.tls) are chart-managed too: from Secrets, as files and
+# secretKeyRefs, never as plain settings.
+KAFKA_SECURITY = set(SECURITY_FIELDS)
 CHART_MANAGED = {"host", "port", "grpc_port", "grpc_enabled", "kafka_bootstrap_servers", "kafka_topic",
-                 "auth_tokens", "shutdown_grace_s", "kafka_partitions", "kafka_replication_factor", "workers"}
+                 "auth_tokens", "shutdown_grace_s", "kafka_partitions", "kafka_replication_factor", "workers",
+                 "tls_cert_file", "tls_key_file", "tls_client_ca_file", "tls_min_version", "tls_reload_interval_s",
+                 "ops_port"} | KAFKA_SECURITY
 NOT_OFFERED = {"state_dir", "local_log_fsync", "auth_tokens_file", "kafka_create_topics"}
 
 # The same split for AssemblerSettings under assembler.settings: set by the chart from dedicated values, or only
 # meaningful for the embedded shape (state_dir: the local log; in_process: a switch of the embedded serve).
 ASSEMBLER_CHART_MANAGED = {"kafka_bootstrap_servers", "input_topic", "traces_topic", "dlq_topic", "group_id",
-                           "group_instance_id", "metrics_host", "metrics_port", "artifact_dir"}
-ASSEMBLER_NOT_OFFERED = {"state_dir", "in_process"}
+                           "group_instance_id", "metrics_host", "metrics_port", "artifact_dir", "traces_index_topic"}
+# Kafka security: set by the chart through the shared TRACE_SOURCE_KAFKA_* variables every command reads.
+ASSEMBLER_NOT_OFFERED = {"state_dir", "in_process"} | KAFKA_SECURITY
 ASSEMBLER_ENV = "TRACE_SOURCE_ASSEMBLER_"
 # Kafka's rule for group.instance.id (the same as for topic names): legal characters and at most 249 of them.
 KAFKA_INSTANCE_ID = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
@@ -195,8 +202,10 @@ def test_render_without_bootstrap_servers_fails_clearly(helm):
 
 
 def test_lint_strict_passes(helm):
+    security = [a for v in (*KAFKA_SASL_SSL, "receiver.tls.existingSecret=otlp-tls",
+                            "receiver.tls.clientCASecret.name=otlp-tls") for a in ("--set", v)]
     for values in ([], ["--values", str(ALL_ON_VALUES)], ["--set", "assembler.autoscaling.enabled=true"],
-                   ["--set", "assembler.enabled=false"]):
+                   ["--set", "assembler.enabled=false"], ["--values", str(ALL_ON_VALUES), *security]):
         proc = run_helm(helm, "lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART),
                         "--set", f"kafka.bootstrapServers={BOOTSTRAP}",
                         "--set", f"loop.database.existingSecret={DB_SECRET}", *values)
@@ -788,11 +797,13 @@ def test_chart_sets_every_chart_managed_assembler_setting(helm):
 LOOP_CHART_SET = {"consumer_group", "kafka_bootstrap_servers", "state_dir", "artifact_dir", "execution_policy",
                   "allow_external_execution", "repo", "traces_topic", "grades_topic", "seeds_topic",
                   "reproductions_topic", "fixes_topic", "dlq_topic", "shutdown_grace_s", "metrics_host",
-                  "metrics_port"}
+                  "metrics_port"} | (KAFKA_SECURITY - {"kafka_sasl_password_env", "kafka_ssl_key_password_env"})
 # Fields naming the variables that hold credentials: left at their defaults, the variables the chart fills from
 # Secrets (loop.database, loop.judge.apiKeySecret, loop.forge.tokenSecret).
 LOOP_SECRET_VARS = {"database_url_env": "TRACE_SOURCE_DATABASE_URL", "judge_api_key_env": "TRACE_SOURCE_JUDGE_API_KEY",
-                    "forge_token_env": "TRACE_SOURCE_FORGE_TOKEN"}
+                    "forge_token_env": "TRACE_SOURCE_FORGE_TOKEN",
+                    "kafka_sasl_password_env": "TRACE_SOURCE_KAFKA_SASL_PASSWORD",
+                    "kafka_ssl_key_password_env": "TRACE_SOURCE_KAFKA_SSL_KEY_PASSWORD"}
 # Not offered: claim-checked envelopes are always read from the one artifact store; a Deployment's pod names change
 # on every restart, so a static group.instance.id from them would not survive one.
 LOOP_NOT_OFFERED = {"envelope_store_dir", "group_instance_id"}
@@ -1204,3 +1215,136 @@ def test_notes_mention_the_stages(helm, tmp_path):
     assert "Receiver authentication is on: give the harness OTEL_EXPORTER_OTLP_HEADERS" in notes
     notes = render_notes(helm, tmp_path / "off", "stages.grade.enabled=false")
     assert "No loop stage is enabled" in notes
+
+
+# --------------------------------------------------------------------------- Kafka security and OTLP TLS
+
+KAFKA_SASL_SSL = ("kafka.security.protocol=SASL_SSL", "kafka.security.sasl.username=alice",
+                  "kafka.security.sasl.passwordSecret.name=kafka-sasl", "kafka.security.tls.caSecret.name=kafka-ca",
+                  "kafka.security.tls.clientCertSecret.name=kafka-client", "topics.create=true")
+
+
+def pod_spec_of(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return named(objects, kind, name)["spec"]["template"]["spec"]
+
+
+def as_the_pod_sees_it(pod: dict[str, Any], root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set the container's environment as the kubelet would, with its Secret volumes "mounted" under ``root``: every
+    item of a Secret volume becomes a file (content ``secret:<name>/<key>``) at ``root`` + mount path + item path,
+    paths in variables are moved under ``root`` the same way, and a secretKeyRef variable gets the value
+    ``secret:<name>/<key>``."""
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        assert "subPath" not in mount, "a subPath mount never sees a rotated Secret"
+        for item in secret["items"]:
+            path = root / mount["mountPath"].lstrip("/") / item["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"secret:{secret['secretName']}/{item['key']}")
+    for name in os.environ:
+        if name.startswith("TRACE_SOURCE_"):
+            monkeypatch.delenv(name)
+    for e in container["env"]:
+        if "value" in e:
+            value = e["value"]
+            if value.startswith("/etc/trace-source/"):
+                value = str(root / value.lstrip("/"))
+            monkeypatch.setenv(e["name"], value)
+        elif "secretKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["secretKeyRef"]
+            monkeypatch.setenv(e["name"], f"secret:{ref['name']}/{ref['key']}")
+
+
+def test_kafka_security_reaches_every_component_from_secrets(helm, monkeypatch, tmp_path):
+    from pipeline.loop_settings import LoopSettings as Loop
+    from trace_source.settings import KafkaClientSettings
+
+    objects = template(helm, *KAFKA_SASL_SSL, "loop.database.existingSecret=db")
+    assert validate_core_objects(objects) >= {"Deployment", "StatefulSet", "Job"}
+    rendered = yaml.safe_dump_all(objects)
+    components = [("Deployment", RECEIVER, ServeSettings), ("StatefulSet", ASSEMBLER, AssemblerSettings),
+                  ("Deployment", GRADER, Loop), ("Job", "ts-trace-source-topics", KafkaClientSettings)]
+    for kind, name, settings_cls in components:
+        root = tmp_path / name
+        as_the_pod_sees_it(pod_spec_of(objects, kind, name), root, monkeypatch)
+        security = settings_cls().kafka_security()
+        assert security.security_protocol == "SASL_SSL" and security.sasl_mechanism == "SCRAM-SHA-512", name
+        assert security.sasl_username == "alice", name
+        assert security.sasl_password.get_secret_value() == "secret:kafka-sasl/password", name
+        assert security.ssl_ca_file.read_text() == "secret:kafka-ca/ca.crt", name
+        assert security.ssl_cert_file.read_text() == "secret:kafka-client/tls.crt", name
+        assert security.ssl_key_file.read_text() == "secret:kafka-client/tls.key", name
+        assert security.ssl_check_hostname, name
+    # secrets only by reference: no password value anywhere in the rendered objects
+    for o in objects:
+        for c in (o.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []):
+            for e in c.get("env", []):
+                if "PASSWORD" in e["name"]:
+                    assert "value" not in e and "secretKeyRef" in e["valueFrom"], (o["metadata"]["name"], e)
+    assert "alice-secret" not in rendered
+
+
+def test_kafka_oauthbearer_token_file_and_hostname_check(helm, monkeypatch, tmp_path):
+    objects = template(helm, "kafka.security.protocol=SASL_SSL", "kafka.security.sasl.mechanism=OAUTHBEARER",
+                       "kafka.security.sasl.oauthTokenSecret.name=kafka-token",
+                       "kafka.security.tls.checkHostname=false")
+    validate_core_objects(objects)
+    as_the_pod_sees_it(pod_spec_of(objects, "Deployment", RECEIVER), tmp_path, monkeypatch)
+    security = ServeSettings().kafka_security()
+    assert security.sasl_mechanism == "OAUTHBEARER" and security.sasl_password is None
+    assert security.sasl_oauth_token_file.read_text() == "secret:kafka-token/token"
+    assert security.ssl_check_hostname is False and security.ssl_ca_file is None  # the system CAs
+    assert "TRACE_SOURCE_KAFKA_SASL_USERNAME" not in env_of(receiver_container(objects))
+
+
+def test_kafka_security_that_cannot_work_fails_rendering(helm):
+    cases = [
+        (("kafka.security.protocol=SASL_SSL", "kafka.security.sasl.username=alice"),
+         "kafka.security.sasl.passwordSecret.name"),
+        (("kafka.security.protocol=SASL_PLAINTEXT", "kafka.security.sasl.passwordSecret.name=s"),
+         "kafka.security.sasl.username"),
+        (("kafka.security.protocol=SASL_SSL", "kafka.security.sasl.mechanism=OAUTHBEARER"),
+         "oauthTokenSecret.name"),
+        (("kafka.security.tls.caSecret.name=kafka-ca",), "kafka.security.protocol is PLAINTEXT"),
+        (("receiver.tls.clientCASecret.name=ca",), "receiver.tls.clientCASecret (mTLS) needs"),
+    ]
+    for args, message in cases:
+        proc = template(helm, *args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+    for bad in ("kafka.security.protocol=TLS", "kafka.security.sasl.mechanism=GSSAPI", "receiver.tls.minVersion=1.1"):
+        proc = template(helm, bad, check=False)
+        assert proc.returncode != 0 and "values don't meet the specifications of the schema" in proc.stderr, bad
+
+
+def test_receiver_tls_from_a_cert_manager_secret(helm, monkeypatch, tmp_path):
+    objects = template(helm, "receiver.tls.existingSecret=otlp-tls", "receiver.tls.clientCASecret.name=otlp-tls",
+                       "receiver.tls.reloadIntervalSeconds=30", "serviceMonitor.enabled=true",
+                       *enable_stage("reproduce"), "stages.seed.enabled=true")
+    validate_core_objects(objects)
+    pod = pod_spec_of(objects, "Deployment", RECEIVER)
+    as_the_pod_sees_it(pod, tmp_path, monkeypatch)
+    settings = ServeSettings()
+    assert settings.tls_cert_file.read_text() == "secret:otlp-tls/tls.crt"
+    assert settings.tls_key_file.read_text() == "secret:otlp-tls/tls.key"
+    assert settings.tls_client_ca_file.read_text() == "secret:otlp-tls/ca.crt"
+    assert settings.tls_reload_interval_s == 30 and settings.ops_port == 13133
+    (c,) = pod["containers"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["ops"] == 13133
+    # the kubelet cannot present a client certificate: probes on the plain ops port
+    assert c["readinessProbe"]["httpGet"]["port"] == "ops" and c["livenessProbe"]["httpGet"]["port"] == "ops"
+    service = named(objects, "Service", RECEIVER)
+    assert {"name": "ops", "port": 13133, "targetPort": "ops", "protocol": "TCP", "appProtocol": "http"} \
+        in service["spec"]["ports"]
+    (endpoint,) = named(objects, "ServiceMonitor", RECEIVER)["spec"]["endpoints"]
+    assert endpoint["port"] == "ops"
+    # the reproduction harness exports to the receiver over TLS
+    env = env_of(stage_container(objects, "reproduce"))
+    assert env["TRACE_SOURCE_OTLP_ENDPOINT"].startswith("https://ts-trace-source-receiver.")
+    # without TLS nothing of it is rendered
+    plain = template(helm)
+    (c,) = pod_spec_of(plain, "Deployment", RECEIVER)["containers"]
+    assert "ops" not in {p["name"] for p in c["ports"]} and c["readinessProbe"]["httpGet"]["port"] == "otlp-http"
+    assert not [e for e in c["env"] if e["name"].startswith(("TRACE_SOURCE_TLS_", "TRACE_SOURCE_OPS_"))]

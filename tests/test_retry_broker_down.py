@@ -23,16 +23,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.export import SpanExportResult
 
 from interop_support import (
     check_record_contract,
     count_spans_at_least_once,
+    finished_agent_spans,
     landed_kafka,
-    make_agent_traces,
     metric,
     readyz_status,
     span_exporter,
@@ -48,12 +45,7 @@ OK = {"http": "200", "grpc": "OK"}
 
 
 def finished_spans(n_traces: int):
-    provider = TracerProvider(resource=Resource.create({"service.name": "retry-agent"}), shutdown_on_exit=False)
-    memory = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    ids = make_agent_traces(provider, ("retry.agent", "1.0"), n_traces)
-    provider.shutdown()
-    return ids, memory.get_finished_spans()
+    return finished_agent_spans(n_traces, "retry-agent", ("retry.agent", "1.0"))
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
+from sinks.kafka_security import SECURITY_FIELDS
 from trace_source import __version__
 from trace_source.settings import ENV_PREFIX, ServeSettings
 
@@ -43,11 +44,39 @@ def _option_for(name: str, field, env: str | None = None) -> click.Option:
     return click.Option([flag, name], type=ptype, default=None, help=help_text)
 
 
+def _security_last(fields: dict) -> list[str]:
+    """Field names with the shared Kafka security fields moved to the end (``--help`` reads better)."""
+    return [n for n in fields if n not in SECURITY_FIELDS] + [n for n in SECURITY_FIELDS if n in fields]
+
+
 def _serve_options(func):
-    for name, field in reversed(list(ServeSettings.model_fields.items())):
+    for name in reversed(_security_last(ServeSettings.model_fields)):
         func.__click_params__ = getattr(func, "__click_params__", [])
-        func.__click_params__.append(_option_for(name, field))
+        func.__click_params__.append(_option_for(name, ServeSettings.model_fields[name]))
     return func
+
+
+def _kafka_security_options(func):
+    """The Kafka TLS / SASL flags (:class:`sinks.kafka_security.KafkaSecurityFields`) for commands that only read
+    or administer Kafka; resolve them with :func:`load_kafka_security`."""
+    from sinks.kafka_security import KafkaSecurityFields
+
+    for name in reversed(list(KafkaSecurityFields.model_fields)):
+        func.__click_params__ = getattr(func, "__click_params__", [])
+        func.__click_params__.append(_option_for(name, KafkaSecurityFields.model_fields[name]))
+    return func
+
+
+def load_kafka_security(flags: dict):
+    """:class:`sinks.kafka_security.KafkaSecurity` from the given security flags, ``TRACE_SOURCE_KAFKA_*`` variables
+    and defaults; exits with a usage error naming the setting when it cannot work. Removes the flags from ``flags``."""
+    from trace_source.settings import KafkaClientSettings
+
+    given = {k: flags.pop(k) for k in SECURITY_FIELDS if k in flags}
+    try:
+        return KafkaClientSettings(**{k: v for k, v in given.items() if v is not None}).kafka_security()
+    except (ValidationError, ValueError) as exc:
+        raise click.UsageError(f"invalid settings:\n{exc}") from None
 
 
 def _loop_options(*, stage: str | None = None, serve: bool = False, only: tuple[str, ...] | None = None):
@@ -119,8 +148,8 @@ def serve(config: Path | None, **flags) -> None:
     """
     from trace_source.settings import ServeSettings as _Serve
 
-    loop_flags = {k: v for k, v in flags.items() if k not in _Serve.model_fields or k in ("kafka_bootstrap_servers",
-                                                                                          "state_dir")}
+    shared = ("kafka_bootstrap_servers", "state_dir", *SECURITY_FIELDS)
+    loop_flags = {k: v for k, v in flags.items() if k not in _Serve.model_fields or k in shared}
     flags = {k: v for k, v in flags.items() if k in _Serve.model_fields}
     settings = load_settings(config, flags)
     loop_settings = load_loop_settings({**loop_flags, "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
@@ -135,6 +164,7 @@ def serve(config: Path | None, **flags) -> None:
 
     from pipeline.journal import JournalError
     from pipeline.ledger import LedgerError
+    from receiver.tls import TlsConfigError
 
     from trace_source.workers import supervise, worker_count
 
@@ -144,7 +174,7 @@ def serve(config: Path | None, **flags) -> None:
         if workers > 1:
             sys.exit(supervise(settings, workers))
         asyncio.run(run(settings, loop_settings=loop_settings))
-    except (OSError, SinkUnavailable, KafkaError, LedgerError, JournalError) as exc:  # start-up failures
+    except (OSError, TlsConfigError, SinkUnavailable, KafkaError, LedgerError, JournalError) as exc:  # start-up
         raise click.ClickException(f"cannot start: {exc}") from None
 
 
@@ -161,21 +191,26 @@ def serve(config: Path | None, **flags) -> None:
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
               help="Stop after this many seconds without new data.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per span / log record (OTLP JSON ids).")
-def tail(kafka_bootstrap_servers, topic, state_dir, from_beginning, max_records, idle_timeout, as_json) -> None:
+@_kafka_security_options
+def tail(kafka_bootstrap_servers, topic, state_dir, from_beginning, max_records, idle_timeout, as_json,
+         **security_flags) -> None:
     """Print what arrived: one line per span (trace id, span id, name, status, source).
 
     Reads the embedded log under --state-dir, or the Kafka topic with --kafka-bootstrap-servers. Follows new data
     until interrupted, --max-records or --idle-timeout.
     """
+    from aiokafka.errors import KafkaError
+
     from trace_source.tail import run_tail
 
+    security = load_kafka_security(security_flags)
     try:
         asyncio.run(run_tail(kafka_bootstrap_servers=kafka_bootstrap_servers, topic=topic, state_dir=state_dir,
                              from_beginning=from_beginning, max_records=max_records, idle_timeout=idle_timeout,
-                             as_json=as_json, out=sys.stdout))
+                             as_json=as_json, out=sys.stdout, security=security))
     except KeyboardInterrupt:
         pass
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, KafkaError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -194,12 +229,20 @@ def topics() -> None:
               default=None, help="Replication factor [default: min(3, brokers)].")
 @click.option("--max-message-bytes", type=click.IntRange(min=1024), default=1_114_112, show_default=True,
               help="Topic max.message.bytes.")
-def topics_create(kafka_bootstrap_servers, topic, partitions, replication_factor, max_message_bytes) -> None:
+@_kafka_security_options
+def topics_create(kafka_bootstrap_servers, topic, partitions, replication_factor, max_message_bytes,
+                  **security_flags) -> None:
     """Create the spans topic with the given partition count (no-op if it exists)."""
+    from aiokafka.errors import KafkaError
+
     from sinks.kafka_admin import create_topic
 
-    created = asyncio.run(create_topic(kafka_bootstrap_servers, topic, partitions, replication_factor,
-                                       max_request_size=max_message_bytes))
+    security = load_kafka_security(security_flags)
+    try:
+        created = asyncio.run(create_topic(kafka_bootstrap_servers, topic, partitions, replication_factor,
+                                           max_request_size=max_message_bytes, security=security))
+    except KafkaError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"{'created' if created else 'exists'}: {topic}")
 
 
@@ -210,11 +253,12 @@ def topics_create(kafka_bootstrap_servers, topic, partitions, replication_factor
 def _assembler_options(func):
     from pipeline.settings import AssemblerSettings, env_names
 
-    for name, field in reversed(list(AssemblerSettings.model_fields.items())):
+    for name in reversed(_security_last(AssemblerSettings.model_fields)):
         if name == "in_process":  # a setting of the embedded serve (env only), not of the worker
             continue
         func.__click_params__ = getattr(func, "__click_params__", [])
-        func.__click_params__.append(_option_for(name, field, env=" / ".join(env_names(name))))
+        func.__click_params__.append(_option_for(name, AssemblerSettings.model_fields[name],
+                                                 env=" / ".join(env_names(name))))
     return func
 
 
@@ -387,7 +431,8 @@ def status(trace: str | None, limit: int, as_json: bool, **flags) -> None:
 @click.option("--phase", type=click.Choice(["grade", "seed", "reproduce", "fix"]), default=None,
               help="Phase to re-run [default: the phase the run ended in].")
 @click.option("--reason", default="reprocess requested", show_default=True, help="Why (journaled).")
-@_loop_options(only=("state_dir", "database_url_env", "kafka_bootstrap_servers", "execution_policy"))
+@_loop_options(only=("state_dir", "database_url_env", "kafka_bootstrap_servers", "execution_policy",
+                     *SECURITY_FIELDS))
 def reprocess(trace: str, phase: str | None, reason: str, **flags) -> None:
     """Re-run a trace's last phase after its blocker was fixed (evidence, mapping, credential, harness, forge).
 
@@ -426,7 +471,7 @@ def _traces_source_options(func):
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return _kafka_security_options(func)
 
 
 @main.group(invoke_without_command=True)
@@ -434,7 +479,8 @@ def _traces_source_options(func):
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest N traces.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per trace (the table's fields).")
 @click.pass_context
-def traces(ctx, kafka_bootstrap_servers, topic, state_dir, artifact_dir, timeout, limit, as_json) -> None:
+def traces(ctx, kafka_bootstrap_servers, topic, state_dir, artifact_dir, timeout, limit, as_json,
+           **security_flags) -> None:
     """List assembled traces: trace id, agent, task, status, LLM / tool call counts, errors.
 
     Reads <state-dir>/traces/*.json (embedded), or the traces topic with --kafka-bootstrap-servers (latest
@@ -442,14 +488,18 @@ def traces(ctx, kafka_bootstrap_servers, topic, state_dir, artifact_dir, timeout
     """
     ctx.ensure_object(dict)
     ctx.obj.update(kafka_bootstrap_servers=kafka_bootstrap_servers, topic=topic, state_dir=state_dir,
-                   artifact_dir=artifact_dir, timeout=timeout)
+                   artifact_dir=artifact_dir, timeout=timeout, security_flags=security_flags)
     if ctx.invoked_subcommand is not None:
         return
+    from aiokafka.errors import KafkaError
+
     from trace_source.traces import list_traces
 
+    source = dict(ctx.obj)
+    source["security"] = load_kafka_security(source.pop("security_flags"))
     try:
-        click.echo(list_traces(limit=limit, as_json=as_json, **ctx.obj), nl=False)
-    except FileNotFoundError as exc:
+        click.echo(list_traces(limit=limit, as_json=as_json, **source), nl=False)
+    except (FileNotFoundError, KafkaError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -465,11 +515,15 @@ def traces_show(ctx, trace_id, as_json, **source) -> None:
     from click.core import ParameterSource
 
     # Source options may come before `show` (the group's) or after it; explicit ones after it win.
-    options = {**ctx.obj, **{k: v for k, v in source.items()
-                             if ctx.get_parameter_source(k) not in (None, ParameterSource.DEFAULT)}}
+    from aiokafka.errors import KafkaError
+
+    explicit = {k: v for k, v in source.items() if ctx.get_parameter_source(k) not in (None, ParameterSource.DEFAULT)}
+    security_flags = {**ctx.obj["security_flags"], **{k: explicit.pop(k) for k in SECURITY_FIELDS if k in explicit}}
+    options = {**{k: v for k, v in ctx.obj.items() if k != "security_flags"}, **explicit}
+    options["security"] = load_kafka_security(security_flags)
     try:
         click.echo(show_trace(trace_id, as_json=as_json, **options), nl=False)
-    except (FileNotFoundError, LookupError) as exc:
+    except (FileNotFoundError, LookupError, KafkaError) as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
 
 

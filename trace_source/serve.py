@@ -14,6 +14,7 @@ from aiohttp import web
 
 from receiver.auth import Authenticator
 from receiver.backpressure import InflightBudget
+from receiver.connections import ConnectionLimiter
 from receiver.export import ExportService
 from receiver.grpc_server import GrpcReceiver
 from receiver.http_server import HttpReceiver
@@ -43,6 +44,7 @@ def build_sink(settings: ServeSettings) -> Sink:
             max_request_size=kafka_request_size(settings),
             write_timeout_s=settings.sink_timeout_s,
             retry_after_s=settings.retry_after_s,
+            security=settings.kafka_security(),
         )
     from sinks.local_log import LocalLogSink
 
@@ -78,7 +80,9 @@ async def _start_embedded_loop(settings: ServeSettings, loop_settings, metrics: 
 
     if not loop_settings.otlp_endpoint:
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        loop_settings = loop_settings.model_copy(update={"otlp_endpoint": f"http://{host}:{http_port}"})
+        # With TLS the harness must also trust the certificate: OTEL_EXPORTER_OTLP_CERTIFICATE via --pass-env.
+        scheme = "https" if settings.tls_cert_file is not None else "http"
+        loop_settings = loop_settings.model_copy(update={"otlp_endpoint": f"{scheme}://{host}:{http_port}"})
     loop = EmbeddedLoop(loop_settings, metrics.registry)
     await loop.start()
     return loop
@@ -102,7 +106,8 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
 
         created = await create_topic(settings.kafka_bootstrap_servers, settings.kafka_topic,
                                      settings.kafka_partitions, settings.kafka_replication_factor,
-                                     max_request_size=kafka_request_size(settings))
+                                     max_request_size=kafka_request_size(settings),
+                                     security=settings.kafka_security())
         log.info("topic checked", topic=settings.kafka_topic, created=created)
     await sink.start()
 
@@ -113,26 +118,55 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
                             retry_after_s=settings.retry_after_s)
     auth = Authenticator(settings.token_map(), settings.source_id)
 
+    tls = None
+    if settings.tls_cert_file is not None:
+        from receiver.tls import ServerTls
+
+        tls = ServerTls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file,
+                        min_version=settings.tls_min_version, reload_interval_s=settings.tls_reload_interval_s)
+
     http = HttpReceiver(service, auth, metrics, max_body_bytes=settings.max_body_bytes,
-                        cors_allowed_origins=settings.cors_allowed_origins)
+                        cors_allowed_origins=settings.cors_allowed_origins, read_timeout_s=settings.read_timeout_s)
+    # keepalive_timeout: aiohttp's one timer for idle keep-alive connections and for a request's headers to arrive.
+    # lingering_time: after an early answer (408, 413) aiohttp keeps reading the unread body so the client sees the
+    # answer rather than a reset; 2 s instead of its 10 s, so a slow client cannot hold the connection that long.
     runner = web.AppRunner(http.app(), auto_decompress=False, access_log=None,
-                           shutdown_timeout=settings.shutdown_grace_s)
+                           shutdown_timeout=settings.shutdown_grace_s, keepalive_timeout=settings.idle_timeout_s,
+                           lingering_time=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, reuse_port=worker is not None)
-    await site.start()
-    http_port = site._server.sockets[0].getsockname()[1]  # the real port when --port 0
+    # Our own listener instead of a TCPSite, so the connection limit sits in front of aiohttp's protocol factory.
+    # Under --workers every worker binds the same ports (SO_REUSEPORT; see trace_source.workers).
+    listener = await loop.create_server(
+        ConnectionLimiter(runner.server, settings.max_connections, metrics), settings.host, settings.port,
+        ssl=tls.http_context() if tls else None, reuse_address=True, reuse_port=worker is not None, backlog=1024)
+    http_port = listener.sockets[0].getsockname()[1]  # the real port when --port 0
+    ops_runner = ops_port = None
+    if settings.ops_port is not None:
+        ops_runner = web.AppRunner(http.ops_app(), access_log=None)
+        await ops_runner.setup()
+        ops_site = web.TCPSite(ops_runner, settings.host, settings.ops_port, reuse_address=True,
+                               reuse_port=worker is not None)
+        await ops_site.start()
+        ops_port = ops_site._server.sockets[0].getsockname()[1]
 
     grpc_server = None
     grpc_port = None
     if settings.grpc_enabled:
-        grpc_server, grpc_port = GrpcReceiver(service, auth, metrics,
-                                              max_message_bytes=settings.max_body_bytes).build(
-            settings.host, settings.grpc_port)
+        grpc_server, grpc_port = GrpcReceiver(service, auth, metrics, max_message_bytes=settings.max_body_bytes,
+                                              idle_timeout_s=settings.idle_timeout_s,
+                                              max_connections=settings.max_connections).build(
+            settings.host, settings.grpc_port, tls.grpc_credentials() if tls else None)
         await grpc_server.start()
+    watcher = asyncio.create_task(tls.watch(), name="tls-reload") if tls else None
 
     try:
         stages = await _start_embedded_loop(settings, loop_settings, metrics, http_port)
     except BaseException:
+        listener.close()
+        if watcher is not None:
+            watcher.cancel()
+        if ops_runner is not None:
+            await ops_runner.cleanup()
         await asyncio.gather(runner.cleanup(), *([grpc_server.stop(0)] if grpc_server is not None else []))
         if assembler is not None:
             await assembler.stop()
@@ -142,9 +176,12 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
     refresh = asyncio.create_task(metrics.refresh_forever()) if metrics.multiprocess else None
     # One machine-readable line tests and scripts wait for; humans read the same fields. Under --workers the
     # supervisor writes it once every worker is up.
+    scheme = "https" if tls else "http"
     log.info("serving" if worker is None else "worker serving", worker=worker,
-             http=f"http://{settings.host}:{http_port}", grpc=f"{settings.host}:{grpc_port}" if grpc_port else None,
-             sink=sink.describe(), auth=auth.enabled, http_port=http_port, grpc_port=grpc_port,
+             http=f"{scheme}://{settings.host}:{http_port}",
+             grpc=f"{settings.host}:{grpc_port}" if grpc_port else None,
+             sink=sink.describe(), auth=auth.enabled, http_port=http_port, grpc_port=grpc_port, ops_port=ops_port,
+             tls=tls is not None, mtls=bool(tls and tls.mtls),
              stages=stages.names if stages is not None else [],
              policy=loop_settings.execution_policy if loop_settings is not None else None)
     if on_ready is not None:
@@ -154,11 +191,16 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
     finally:
         if refresh is not None:
             refresh.cancel()
+        if watcher is not None:
+            watcher.cancel()
         log.info("shutting down", grace_s=settings.shutdown_grace_s, worker=worker)
         http.shutting_down = True
+        listener.close()  # stop accepting; runner.cleanup() then drains the open connections
         # Both servers stop accepting at once and drain their in-flight requests concurrently.
         await asyncio.gather(runner.cleanup(), *(
             [grpc_server.stop(settings.shutdown_grace_s)] if grpc_server is not None else []))
+        if ops_runner is not None:
+            await ops_runner.cleanup()  # last: probes see /readyz 503 while the others drain
         if stages is not None:
             await stages.stop()
         if assembler is not None:

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sinks.kafka_security import KafkaSecurityFields
 
 MiB = 1024 * 1024
 ENV_PREFIX = "TRACE_SOURCE_"
@@ -41,8 +43,9 @@ def parse_token_map(value: Any) -> dict[str, str]:
     return tokens
 
 
-class ServeSettings(BaseSettings):
-    """Everything ``serve`` can be told; ``trace-source serve --help`` documents each field."""
+class ServeSettings(BaseSettings, KafkaSecurityFields):
+    """Everything ``serve`` can be told; ``trace-source serve --help`` documents each field. The ``kafka_*`` security
+    fields (TLS, SASL) come from :class:`sinks.kafka_security.KafkaSecurityFields`."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True)
 
@@ -69,12 +72,39 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(64 * MiB, ge=1024, description="Request body cap, after decompression (413).")
     max_inflight_bytes: int = Field(256 * MiB, ge=MiB, description="In-flight byte budget (503 above it).")
     retry_after_s: int = Field(2, ge=1, description="Retry-After / RetryInfo delay sent with 503, seconds.")
+    idle_timeout_s: float = Field(
+        60.0, gt=0, description="Longest a connection may go without a complete request: from connecting, or from "
+                                "the previous answer, until the next request's headers are in (idle keep-alive "
+                                "connections and slow headers alike; gRPC: idle connections and the TLS/HTTP2 "
+                                "handshake).")
+    read_timeout_s: float = Field(
+        60.0, gt=0, description="OTLP/HTTP: deadline for reading a request body once its headers are in; a slower "
+                                "client gets 408 and is disconnected.")
+    max_connections: int = Field(
+        4096, ge=0, description="Open connections per server (OTLP/HTTP, OTLP/gRPC); more are closed on arrival and "
+                                "the exporters retry. 0 = no limit.")
 
     auth_tokens: dict[str, str] = Field(
         default_factory=dict, description="Bearer tokens -> source ids (TOKEN=SOURCE,... or JSON). Empty = no auth.")
     auth_tokens_file: Path | None = Field(
         None, description="YAML/JSON file mapping bearer tokens to source ids (merged with auth_tokens).")
     source_id: str = Field("default", description="Source id recorded when authentication is off.")
+
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate (chain, leaf first) for OTLP/HTTP and OTLP/gRPC; with tls_key_file "
+                          "both serve TLS only (https://, gRPC with TLS).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (unencrypted).")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA certificates client certificates must chain to: set = mTLS, a client without a "
+                          "valid certificate is refused during the handshake.")
+    tls_min_version: Literal["1.2", "1.3"] = Field("1.2", description="Lowest TLS version accepted.")
+    ops_port: int | None = Field(
+        None, ge=0, le=65535, description="Also serve /healthz, /readyz and /metrics on this port, plain HTTP "
+                                          "without TLS or auth (for kubelet probes and Prometheus when the OTLP "
+                                          "port requires client certificates). Unset = off.")
+    tls_reload_interval_s: float = Field(
+        10.0, ge=0, description="How often the TLS files are checked for changes (cert-manager rotation); changed "
+                                "files are used for new connections. 0 = never.")
 
     cors_allowed_origins: list[str] = Field(
         default_factory=list, description="Allowed CORS origins (patterns like https://*.example.com). Empty = off.")
@@ -86,6 +116,14 @@ class ServeSettings(BaseSettings):
     workers: int | None = Field(None, ge=1, description=(
         "Receiver processes sharing the ports (SO_REUSEPORT), each with its own Kafka producer (default: the CPUs "
         "available to the container). Kafka only: the embedded log always runs one process."))
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> "ServeSettings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together (server certificate and its key)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        return self
 
     @field_validator("auth_tokens", mode="before")
     @classmethod
@@ -145,3 +183,10 @@ class _YamlFile(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the config file must be a YAML mapping of setting: value")
         return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+class KafkaClientSettings(BaseSettings, KafkaSecurityFields):
+    """Just the Kafka security settings, for the commands that only read Kafka (``tail``, ``traces``, ``topics``):
+    flags, then ``TRACE_SOURCE_KAFKA_*`` environment variables, then defaults."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)

@@ -109,15 +109,17 @@ async def _tail_local(state_dir: Path, topic: str, printer: _Printer, from_begin
 
 
 async def _tail_kafka(bootstrap: str, topic: str, printer: _Printer, from_beginning: bool,
-                      idle_timeout: float | None) -> None:
+                      idle_timeout: float | None, security=None) -> None:
     from aiokafka import AIOKafkaConsumer
+
+    from sinks.kafka_security import aiokafka_kwargs, start_or_explain
 
     # No consumer group (group_id=None): tail reads every partition of the topic and never moves a group's committed
     # offsets; where it starts is just the offset reset policy.
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest" if from_beginning else "latest",
-                                client_id="trace-source-tail")
-    await consumer.start()
+                                client_id="trace-source-tail", **aiokafka_kwargs(security))
+    await start_or_explain(consumer.start, bootstrap, security)
     try:
         if topic not in await consumer.topics():
             raise FileNotFoundError(f"topic {topic!r} not found on {bootstrap}")
@@ -139,14 +141,17 @@ async def _tail_kafka(bootstrap: str, topic: str, printer: _Printer, from_beginn
 
 
 async def run_tail(*, kafka_bootstrap_servers: str | None, topic: str, state_dir: Path, from_beginning: bool,
-                   max_records: int | None, idle_timeout: float | None, as_json: bool, out: TextIO) -> int:
+                   max_records: int | None, idle_timeout: float | None, as_json: bool, out: TextIO,
+                   security=None) -> int:
     """Print records until ``max_records`` items or ``idle_timeout`` seconds without data; returns items printed.
+    ``security``: a ``sinks.kafka_security.KafkaSecurity`` for the Kafka consumer.
 
-    Raises ``FileNotFoundError`` when the embedded log or the topic does not exist.
+    Raises ``FileNotFoundError`` when the embedded log or the topic does not exist, ``KafkaError`` when the
+    cluster cannot be used.
     """
     printer = _Printer(out, as_json, max_records)
     if kafka_bootstrap_servers:
-        await _tail_kafka(kafka_bootstrap_servers, topic, printer, from_beginning, idle_timeout)
+        await _tail_kafka(kafka_bootstrap_servers, topic, printer, from_beginning, idle_timeout, security)
     else:
         await _tail_local(state_dir, topic, printer, from_beginning, idle_timeout)
     return printer.count

@@ -28,14 +28,17 @@ def _local_paths(state_dir: Path) -> list[Path]:
     return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-async def _kafka_latest(bootstrap: str, topic: str, artifact_dir: Path | None, timeout: float) -> list[Envelope]:
+async def _kafka_latest(bootstrap: str, topic: str, artifact_dir: Path | None, timeout: float,
+                        security=None) -> list[Envelope]:
     """Latest envelope per trace id on ``topic`` (highest version, then the newest record), newest first."""
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
+    from sinks.kafka_security import aiokafka_kwargs, start_or_explain
+
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                client_id="trace-source-traces")
-    await consumer.start()
+                                client_id="trace-source-traces", **aiokafka_kwargs(security))
+    await start_or_explain(consumer.start, bootstrap, security)
     try:
         parts = consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)
         if not parts:
@@ -68,11 +71,13 @@ async def _partitions(consumer, topic: str):
 
 
 def load_envelopes(*, kafka_bootstrap_servers: str | None, topic: str, state_dir: Path,
-                   artifact_dir: Path | None, timeout: float, limit: int | None = None) -> list[Envelope]:
-    """Newest first. Raises ``FileNotFoundError`` when there is no traces directory / topic."""
+                   artifact_dir: Path | None, timeout: float, limit: int | None = None,
+                   security=None) -> list[Envelope]:
+    """Newest first. ``security``: a ``sinks.kafka_security.KafkaSecurity`` for the Kafka client. Raises
+    ``FileNotFoundError`` when there is no traces directory / topic."""
     artifact_dir = artifact_dir or Path(state_dir) / "artifacts"
     if kafka_bootstrap_servers:
-        envs = asyncio.run(_kafka_latest(kafka_bootstrap_servers, topic, artifact_dir, timeout))
+        envs = asyncio.run(_kafka_latest(kafka_bootstrap_servers, topic, artifact_dir, timeout, security))
         return envs[:limit] if limit else envs
     paths = _local_paths(state_dir)
     return [Envelope.from_json_bytes(p.read_bytes()) for p in (paths[:limit] if limit else paths)]

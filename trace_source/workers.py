@@ -106,12 +106,13 @@ def _worker_main(settings: ServeSettings, index: int, ready) -> None:
     _die_with_parent()
     from aiokafka.errors import KafkaError
 
+    from receiver.tls import TlsConfigError
     from sinks.base import SinkUnavailable
 
     configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings, worker=index, on_ready=lambda: ready.put(index)))
-    except (OSError, SinkUnavailable, KafkaError) as exc:  # start-up failures, as `serve` reports them
+    except (OSError, TlsConfigError, SinkUnavailable, KafkaError) as exc:  # start-up failures, as `serve` does
         log.error("worker cannot start", worker=index, error=str(exc))
         raise SystemExit(1) from None
 
@@ -124,7 +125,8 @@ def supervise(settings: ServeSettings, n: int) -> int:
 
         created = asyncio.run(create_topic(settings.kafka_bootstrap_servers, settings.kafka_topic,
                                            settings.kafka_partitions, settings.kafka_replication_factor,
-                                           max_request_size=kafka_request_size(settings)))
+                                           max_request_size=kafka_request_size(settings),
+                                           security=settings.kafka_security()))
         log.info("topic checked", topic=settings.kafka_topic, created=created)
     reserved = [_reserve(settings.host, settings.port)]
     http_port = reserved[0].getsockname()[1]
@@ -168,9 +170,11 @@ def supervise(settings: ServeSettings, n: int) -> int:
             sock.close()
         reserved.clear()
         if not stopping and not code:
-            log.info("serving", http=f"http://{settings.host}:{http_port}",
+            scheme = "https" if settings.tls_cert_file is not None else "http"
+            log.info("serving", http=f"{scheme}://{settings.host}:{http_port}",
                      grpc=f"{settings.host}:{grpc_port}" if grpc_port else None, http_port=http_port,
-                     grpc_port=grpc_port, workers=n, pids=[p.pid for p in procs], sink="kafka")
+                     grpc_port=grpc_port, ops_port=settings.ops_port, tls=settings.tls_cert_file is not None,
+                     workers=n, pids=[p.pid for p in procs], sink="kafka")
         while not stopping and not code:
             dead = [p for p in procs if p.exitcode is not None]
             if dead:

@@ -128,6 +128,7 @@ settings (the stage's win); secrets by reference only. Call with (dict "root" $ 
 {{- $scratch := include "trace-source.scratchPath" $root }}
 - name: TRACE_SOURCE_KAFKA_BOOTSTRAP_SERVERS
   value: {{ include "trace-source.kafkaBootstrapServers" $root | quote }}
+{{- include "trace-source.kafkaSecurityEnv" $root }}
 - name: TRACE_SOURCE_DATABASE_URL
   valueFrom:
     secretKeyRef:
@@ -201,7 +202,8 @@ settings (the stage's win); secrets by reference only. Call with (dict "root" $ 
 {{/* The receiver's in-cluster OTLP/HTTP endpoint. */}}
 {{- define "trace-source.receiverEndpoint" -}}
 {{- $svc := include "trace-source.componentName" (dict "root" . "component" "receiver") }}
-{{- printf "http://%s.%s.svc:%v" $svc .Release.Namespace (index .Values.receiver.ports "otlp-http").servicePort }}
+{{- $scheme := ternary "https" "http" (not (empty .Values.receiver.tls.existingSecret)) }}
+{{- printf "%s://%s.%s.svc:%v" $scheme $svc .Release.Namespace (index .Values.receiver.ports "otlp-http").servicePort }}
 {{- end }}
 
 {{/* The install notes' part about the loop's stages (NOTES.txt). */}}

@@ -6,6 +6,8 @@
 //
 //   node send_spans.mjs --url http://127.0.0.1:4319/v1/traces [--traces 3] [--spans-per-trace 4]
 //                       [--compression none|gzip] [--processor batch|simple] [--token TOKEN]
+//                       [--timeout-ms 30000]
+// TLS: the exporter's standard variables, OTEL_EXPORTER_OTLP_CERTIFICATE / _CLIENT_CERTIFICATE / _CLIENT_KEY.
 //
 // stdout: one JSON object
 //   {"spans": [{"traceId", "spanId", "parentSpanId", "name"}...],   every span created, ids as lowercase hex
@@ -31,6 +33,7 @@ const { values: args } = parseArgs({
     compression: { type: 'string', default: 'none' },
     processor: { type: 'string', default: 'batch' },
     token: { type: 'string' },
+    'timeout-ms': { type: 'string', default: '30000' },
   },
 });
 if (!args.url || !['none', 'gzip'].includes(args.compression) || !['batch', 'simple'].includes(args.processor)) {
@@ -65,7 +68,7 @@ const exporter = new OTLPTraceExporter({
   url: args.url,
   compression: args.compression,
   headers: args.token ? { Authorization: `Bearer ${args.token}` } : {},
-  timeoutMillis: 30000,
+  timeoutMillis: Number(args['timeout-ms']),
 });
 const exports = [];
 const recordingExporter = {
