@@ -110,7 +110,9 @@ def serve(config: Path | None, **flags) -> None:
 
     \b
     Endpoints: POST /v1/traces, POST /v1/logs on --port (OTLP/HTTP); TraceService and LogsService
-    Export on --grpc-port (OTLP/gRPC); GET /healthz, /readyz and /metrics (Prometheus) on --port.
+    Export on --grpc-port (OTLP/gRPC); GET /healthz, /readyz and /metrics (Prometheus) on --port;
+    POST /v1/envelopes on --port (finished envelopes from `trace-source import/sync --upload`, once per
+    Idempotency-Key, bearer tokens as for OTLP).
     A 2xx/OK is sent only after the data is durable (Kafka acks=all, or committed to the local log).
     Embedded default (no broker): the assembler and the loop's stages run in-process — every run is
     graded, and seeded / reproduced / fixed as far as --execution-policy allows; see `trace-source status`.
@@ -464,6 +466,10 @@ def traces_show(ctx, trace_id, as_json, **source) -> None:
 
 
 _register_stage_workers()
+
+from trace_source import sources_cli  # noqa: E402 - the source commands need _option_for above
+
+sources_cli.register(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from receiver.auth import Authenticator
 from receiver.backpressure import InflightBudget
+from receiver.envelopes import EnvelopeUpload
 from receiver.export import ExportService
 from receiver.grpc_server import GrpcReceiver
 from receiver.http_server import HttpReceiver
@@ -47,6 +48,15 @@ def build_sink(settings: ServeSettings) -> Sink:
     from sinks.local_log import LocalLogSink
 
     return LocalLogSink(settings.state_dir, fsync=settings.local_log_fsync)
+
+
+def build_envelope_sink(settings: ServeSettings):
+    """Where ``POST /v1/envelopes`` puts envelopes: the traces topic on Kafka, or the embedded log (and its file
+    view) under ``state_dir``."""
+    from sinks.envelopes import open_envelope_sink
+
+    return open_envelope_sink(state_dir=settings.state_dir, kafka_bootstrap_servers=settings.kafka_bootstrap_servers,
+                              max_request_size=kafka_request_size(settings))
 
 
 async def _start_embedded_assembler(settings: ServeSettings, metrics: ReceiverMetrics):
@@ -110,8 +120,11 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
                             retry_after_s=settings.retry_after_s)
     auth = Authenticator(settings.token_map(), settings.source_id)
 
+    envelope_sink = build_envelope_sink(settings)
+    await envelope_sink.start()
     http = HttpReceiver(service, auth, metrics, max_body_bytes=settings.max_body_bytes,
-                        cors_allowed_origins=settings.cors_allowed_origins)
+                        cors_allowed_origins=settings.cors_allowed_origins,
+                        envelopes=EnvelopeUpload(envelope_sink, auth, max_body_bytes=settings.max_body_bytes))
     runner = web.AppRunner(http.app(), auto_decompress=False, access_log=None,
                            shutdown_timeout=settings.shutdown_grace_s)
     await runner.setup()
@@ -133,6 +146,7 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
         await asyncio.gather(runner.cleanup(), *([grpc_server.stop(0)] if grpc_server is not None else []))
         if assembler is not None:
             await assembler.stop()
+        await envelope_sink.stop()
         await sink.stop()
         raise
 
@@ -153,5 +167,6 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
             await stages.stop()
         if assembler is not None:
             await assembler.stop()
+        await envelope_sink.stop()
         await sink.stop()
         log.info("stopped")
