@@ -363,14 +363,18 @@ def status(trace: str | None, limit: int, as_json: bool, **flags) -> None:
                                      blocked runs with their reasons, and the latest runs with verdicts.
     `trace-source status TRACE_ID`   one trace's latest run: its phases, artifact paths, stop reason
                                      (a unique prefix of the id is enough).
+    `trace-source status SOURCE`     one registered source: validation, cursor, last sync, counts,
+                                     rejected items and the last error.
+    The summary also lists every registered source (sources.db) and local loop (autoloops.json).
     Reads <state-dir>/runs.jsonl, or the Postgres journal when --database-url-env names a set variable.
     """
     settings = load_loop_settings(flags)
-    from trace_source.status import render_run, render_summary
+    from trace_source.status import render_run, render_source, render_summary
 
     try:
-        text = (render_run(settings, trace, as_json=as_json) if trace
-                else render_summary(settings, limit=limit, as_json=as_json))
+        text = (render_source(settings, trace, as_json=as_json) if trace else None) or (
+            render_run(settings, trace, as_json=as_json) if trace
+            else render_summary(settings, limit=limit, as_json=as_json))
     except LookupError as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
     click.echo(text, nl=False)

@@ -94,10 +94,12 @@ async def _start_embedded_loop(settings: ServeSettings, loop_settings, metrics: 
     return loop
 
 
-async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loop_settings=None) -> None:
+async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loop_settings=None,
+              on_serving=None) -> None:
     """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT. ``loop_settings``: a
     :class:`pipeline.loop_settings.LoopSettings` for the embedded default's in-process stages (``None``: the
-    receiver and assembler only)."""
+    receiver and assembler only). ``on_serving(http_port, grpc_port)``: called once everything is up (``autoloop``
+    records the ports)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,6 +157,8 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
         f"{settings.host}:{grpc_port}" if grpc_port else None), sink=sink.describe(), auth=auth.enabled,
         http_port=http_port, grpc_port=grpc_port, stages=stages.names if stages is not None else [],
         policy=loop_settings.execution_policy if loop_settings is not None else None)
+    if on_serving is not None:
+        on_serving(http_port, grpc_port)
     try:
         await stop.wait()
     finally:

@@ -97,8 +97,16 @@ def _print_results(results, rejected, as_json: bool, *, preview: bool = False, w
                + (f" -> {where}" if where and not preview else ""))
 
 
+def _quiet_logs() -> None:
+    """One-shot commands print their results on stdout; warnings (a blocked source) go to stderr as JSON."""
+    from trace_source.logging import configure
+
+    configure("warning", "json")
+
+
 def register(main: click.Group) -> None:
-    """Add the source commands to ``main``."""
+    """Add the source commands (and autoloop / detach) to ``main``."""
+    register_autoloop(main)
 
     @main.command("import")
     @click.argument("path", type=click.Path(exists=True, path_type=Path))
@@ -130,6 +138,7 @@ def register(main: click.Group) -> None:
         from pipeline.sources.upload import UploadError
         from sinks.base import SinkUnavailable
 
+        _quiet_logs()
         files = list_trace_files(path)
         reads = [read_trace_file(f) for f in files]
         rejected = [(str(r.path), r.kind, r.error) for r in reads if r.error]
@@ -186,6 +195,7 @@ def register(main: click.Group) -> None:
         from pipeline.sources.store import SourceNotFound
         from pipeline.sources.sync import test_source
 
+        _quiet_logs()
         store = _store(state_dir)
         try:
             checks = asyncio.run(test_source(store, name))
@@ -223,6 +233,7 @@ def register(main: click.Group) -> None:
         from pipeline.sources.upload import UploadError
         from sinks.base import SinkUnavailable
 
+        _quiet_logs()
         store = _store(state_dir)
 
         async def run():
@@ -315,3 +326,120 @@ def _add_connect(group: click.Group, provider: str, model) -> None:
     doc = (model.__doc__ or "").strip()
     command.__doc__ = f"{doc}\n\nRegisters the source under --name (re-registering keeps its cursor)."
     group.command(provider)(command)
+
+
+#: LoopSettings fields autoloop does not take as flags (it sets them itself, or they concern a cluster).
+_AUTOLOOP_SKIP = {"kafka_bootstrap_servers", "state_dir", "repo", "database_url_env", "artifact_dir",
+                  "envelope_store_dir", "otlp_endpoint", "in_process_stages", "traces_topic", "grades_topic",
+                  "seeds_topic", "reproductions_topic", "fixes_topic", "dlq_topic", "lease_s", "max_attempts",
+                  "poll_max_records", "shutdown_grace_s", "work_dir"}
+
+
+def register_autoloop(main: click.Group) -> None:
+    from pipeline.loop_settings import fields_for
+    from trace_source.cli import _loop_options, load_loop_settings
+
+    names = tuple(n for n in fields_for(serve=True) if n not in _AUTOLOOP_SKIP)
+
+    @main.command("autoloop")
+    @click.argument("watch_dir", type=click.Path(file_okay=False, path_type=Path))
+    @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), required=True,
+                  help="The agent's repository (its trace-source/ or archal/ contract folder); local path.")
+    @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+                  help="Where the loop keeps its state and artifacts [default: <repo>/.trace-source].")
+    @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+                  help="OTLP/HTTP port of the loop's receiver (0 = a free one; the reproduction harness exports "
+                       "there).")
+    @click.option("--interval-s", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+                  help="Seconds between two scans of WATCH_DIR.")
+    @click.option("--foreground", is_flag=True, help="Stay attached (logs on stderr) instead of running in the "
+                  "background with logs under <state-dir>/logs/.")
+    @click.option("--check", "check_only", is_flag=True, help="Validate the setup and start nothing: the "
+                  "repository, the contract, a harness smoke test with a trivial task, the policy.")
+    @_loop_options(only=names)
+    def autoloop_cmd(watch_dir: Path, repo: Path, state_dir: Path | None, port: int, interval_s: float,
+                     foreground: bool, check_only: bool, **flags) -> None:
+        """The local loop: watch WATCH_DIR for trace files and run every phase with repo-local artifacts.
+
+        \b
+        WATCH_DIR holds one trace file per run (OTLP JSON or protobuf as the SDK and Collector file
+        exporters write them, JSON lines, or trace-source envelopes). Each new file is imported once
+        (by envelope key; a changed file is a new envelope version) and graded, seeded, reproduced with
+        the repository's harness and fixed as far as --execution-policy allows — the same loop `serve`
+        runs, with its OTLP receiver on --port so each reproduction's own trace is graded too.
+        Background by default: registered in <state-dir>/autoloops.json with its pid, logs in
+        <state-dir>/logs/. `trace-source detach WATCH_DIR --repo REPO` stops it; `trace-source status
+        --state-dir <repo>/.trace-source` and `reprocess` work on its state.
+        """
+        import subprocess
+        import sys
+        import time
+
+        from pipeline.sources import autoloop as al
+        from trace_source.settings import ServeSettings
+
+        state = (state_dir or al.default_state_dir(repo)).resolve()
+        loop_settings = load_loop_settings({**flags, "state_dir": state, "repo": str(repo.resolve())})
+        if check_only:
+            report = asyncio.run(al.check_setup(watch_dir, loop_settings))
+            for what, ok, detail in report.lines:
+                click.echo(f"{'ok  ' if ok else 'FAIL'}  {what}: {detail}")
+            click.echo("ready" if report.ok else "not ready")
+            raise SystemExit(0 if report.ok else 1)
+        if not watch_dir.is_dir():
+            raise click.UsageError(f"{watch_dir} is not a directory")
+        existing = al.find(state, watch_dir)
+        if existing is not None and existing["running"] and existing["pid"] != os.getpid():
+            raise click.ClickException(f"an autoloop already watches {watch_dir.resolve()} (pid {existing['pid']}, "
+                                       f"OTLP {existing.get('otlp_endpoint')}); stop it with `trace-source detach "
+                                       f"{watch_dir} --repo {repo}`")
+        if foreground:
+            from trace_source.logging import configure
+
+            configure(loop_settings.log_level, loop_settings.log_format)
+            serve_settings = ServeSettings(port=port, grpc_enabled=False, state_dir=state,
+                                           log_level=loop_settings.log_level, log_format=loop_settings.log_format)
+            asyncio.run(al.run_autoloop(watch_dir, serve_settings, loop_settings, interval_s=interval_s,
+                                        log_path=os.environ.get("TRACE_SOURCE_AUTOLOOP_LOG")))
+            return
+        logs = state / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{al.source_name(watch_dir)}.log"
+        argv = [sys.executable, "-m", "trace_source.cli", *sys.argv[1:], "--foreground"]
+        with open(log_path, "ab") as out:
+            child = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env={**os.environ, "TRACE_SOURCE_AUTOLOOP_LOG": str(log_path)})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            entry = al.find(state, watch_dir)
+            if entry is not None and entry["pid"] == child.pid:
+                click.echo(f"autoloop running in the background (pid {child.pid}): {entry['watch_dir']} -> "
+                           f"{state}; OTLP {entry['otlp_endpoint']}; log {log_path}\n"
+                           f"stop it with: trace-source detach {watch_dir} --repo {repo}")
+                return
+            if child.poll() is not None:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+                raise click.ClickException(f"the autoloop exited with {child.returncode}:\n{tail}")
+            time.sleep(0.1)
+        child.terminate()
+        raise click.ClickException(f"the autoloop did not start within 60 s; see {log_path}")
+
+    @main.command("detach")
+    @click.argument("watch_dir", type=click.Path(file_okay=False, path_type=Path))
+    @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), required=True,
+                  help="The repository the autoloop was started with.")
+    @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+                  help="Its state dir, when not the default <repo>/.trace-source.")
+    @click.option("--timeout-s", type=click.FloatRange(min=0), default=30.0, show_default=True,
+                  help="How long to wait after SIGTERM before SIGKILL.")
+    def detach_cmd(watch_dir: Path, repo: Path, state_dir: Path | None, timeout_s: float) -> None:
+        """Stop the autoloop watching WATCH_DIR: SIGTERM (it finishes what is in flight) and unregister it."""
+        from pipeline.sources import autoloop as al
+
+        state = (state_dir or al.default_state_dir(repo)).resolve()
+        try:
+            entry = al.detach(state, watch_dir, timeout_s=timeout_s)
+        except al.DetachError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"{'stopped' if entry['was_running'] else 'removed (was not running)'}: autoloop pid "
+                   f"{entry['pid']} on {entry['watch_dir']}")

@@ -75,6 +75,8 @@ class FilesConfig(_Base):
     """A directory of trace files (OTLP JSON / JSON lines / protobuf, envelopes, Langfuse exports)."""
 
     path: Path = Field(description="The directory (read recursively) or file.")
+    settle_s: float = Field(1.0, ge=0, description=(
+        "A file changed less than this many seconds ago is left for the next pull (a writer may still be at it)."))
 
     @field_validator("path")
     @classmethod

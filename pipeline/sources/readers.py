@@ -10,6 +10,7 @@ import: ``auth`` / ``missing auth``, ``connection``, ``mapping``, ``cursor``, ``
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator, Protocol
@@ -81,12 +82,15 @@ class FilesReader:
             paths = await asyncio.to_thread(list_trace_files, self.config.path)
         except FileNotFoundError as exc:
             raise SourceError("connection", str(exc)) from None
-        changed = [p for p in paths if seen.get(str(p)) != file_state(p)]
+        settled_before = time.time_ns() - int(self.config.settle_s * 1e9)
+        # The state is taken before reading: a file that changes while it is read is read again next time.
+        states = {p: file_state(p) for p in paths}
+        changed = [p for p in paths if seen.get(str(p)) != states[p] and states[p][1] <= settled_before]
         if not changed:
             return
         reads = await asyncio.to_thread(lambda: [read_trace_file(p) for p in changed])
         for p in changed:
-            seen[str(p)] = file_state(p)
+            seen[str(p)] = states[p]
         yield Page(merge_reads(reads), [Rejected(str(r.path), r.kind, r.error) for r in reads if r.error],
                    {"files": seen})
 
