@@ -113,6 +113,8 @@ class EnvelopeUpload:
         try:
             accepted = await self.sink.put(record)
         except SinkUnavailable as exc:
+            log.warning("envelope.unavailable", trace_id=envelope.trace_id, error=str(exc),
+                        retry_after_s=exc.retry_after_s)
             return web.json_response({"error": "unavailable", "message": str(exc)}, status=503,
                                      headers={"Retry-After": str(exc.retry_after_s)})
         except EnvelopeTooLarge as exc:
