@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JS_DIR := tests/interop/js
 
-.PHONY: serve test bench bench-assembler clean-venv
+.PHONY: serve test bench bench-assembler bench-grade clean-venv
 
 # Virtualenv with the package (editable) and its test extras; re-installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -28,7 +28,19 @@ HELM := $(HOME)/.cache/trace-source/bin/helm
 $(HELM):
 	GOBIN=$(dir $(HELM)) go install helm.sh/helm/v3/cmd/helm@v3.21.4
 
-test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed $(HELM)
+# Gitea for the forge tests (tests/forge_harness.py): its module from the Go module proxy, built with its options/
+# beside it into the same cache (the first build takes about 9 minutes on 2 cores, a rebuild with Go's cache warm 20 s).
+GITEA := $(HOME)/.cache/trace-source/gitea-1.27.3/gitea
+$(GITEA):
+	$(PYTHON) tests/forge_harness.py --build
+
+# aider (aider-chat from PyPI), the real coding-agent CLI of the fix stage's tests (tests/coding_agent.py), in its own
+# virtualenv in the same cache: its exact pins clash with the test extras' (about 1.5 minutes the first time).
+AIDER := $(HOME)/.cache/trace-source/aider-0.86.2/bin/aider
+$(AIDER):
+	$(PYTHON) tests/coding_agent.py install
+
+test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed $(HELM) $(GITEA) $(AIDER)
 	$(PY) tests/kafka_harness.py --fetch
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -37,6 +49,9 @@ bench: $(VENV)/.installed
 
 bench-assembler: $(VENV)/.installed
 	$(PY) -m bench.assembler_bench $(BENCH_ARGS)
+
+bench-grade: $(VENV)/.installed
+	$(PY) -m bench.grade_bench $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -34,6 +34,7 @@ from sinks.base import (
     SPANS_TOPIC,
 )
 from sinks.file_view import atomic_write_bytes, file_name, topic_dir, view_path  # noqa: F401 - re-exported
+from pipeline.group_commit import GroupWriter
 from sinks.local_log import LOG_FILENAME, LocalLogAppender, LocalLogReader
 from pipeline.bus import BusPublishError, BusRecord, Headers, PartitionListener, decode_headers, encode_headers
 
@@ -157,6 +158,8 @@ class LocalBusPublisher:
         self.file_topics = frozenset(file_topics)
         self.files = LocalFilePublisher(self.state_dir)
         self._appender: LocalLogAppender | None = None
+        # Concurrent publishes (a stage working on several records) share one transaction and one fsync.
+        self._writer = GroupWriter("local-bus-writer", lambda rows: self._appender.append_many(rows))
 
     def path_for(self, topic: str, key: bytes | None) -> Path:
         """The file view's path of a record (``file_topics`` only)."""
@@ -173,13 +176,12 @@ class LocalBusPublisher:
     async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers = ()) -> None:
         if self._appender is None:
             await self.start()
-        appender = self._appender
         hdrs = {k: v.decode("utf-8", errors="replace") for k, v in headers}
         try:
-            await asyncio.to_thread(
-                appender.append, topic, None if key is None else key.decode("utf-8", errors="replace"), value,
-                encode_headers(list(headers)), content_type=hdrs.get(HEADER_CONTENT_TYPE, "application/octet-stream"),
-                source_id=hdrs.get(HEADER_SOURCE_ID, ""), received_at_ns=time.time_ns())
+            await self._writer.submit((topic, None if key is None else key.decode("utf-8", errors="replace"), value,
+                                       encode_headers(list(headers)),
+                                       hdrs.get(HEADER_CONTENT_TYPE, "application/octet-stream"),
+                                       hdrs.get(HEADER_SOURCE_ID, ""), time.time_ns()))
         except Exception as exc:  # sqlite3.Error: disk full, locked past the busy timeout
             raise BusPublishError(f"cannot append to the embedded log for {topic}: {exc}") from exc
         if topic in self.file_topics:
@@ -189,6 +191,7 @@ class LocalBusPublisher:
         return len(value)
 
     async def stop(self) -> None:
+        await self._writer.close()
         appender, self._appender = self._appender, None
         if appender is not None:
             await asyncio.to_thread(appender.close)

@@ -163,6 +163,9 @@ class LoopSettings(BaseSettings):
     max_attempts: int = Field(5, ge=1, description=(
         "Claims of one record (retries after transient errors, take-overs) before it goes to the DLQ."))
     poll_max_records: int = Field(100, ge=1, description="Records read per poll.")
+    concurrency: int | None = Field(None, ge=1, le=256, description=(
+        "Records one worker works on at once (different traces; one trace's records stay in order). Default: the "
+        "stage's own — 8 for grade, 4 for seed, 1 for reproduce and fix, which run the repository's commands."))
     max_poll_interval_s: float = Field(1800.0, gt=0, description=(
         "Kafka: longest time between polls before the consumer leaves its group (long reproductions need more)."))
     shutdown_grace_s: float = Field(30.0, ge=0, description=(

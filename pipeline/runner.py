@@ -1,6 +1,8 @@
 """The one stage runner: every loop stage (grade, seed, reproduce, fix) is a plug-in to it (:mod:`pipeline.stage`).
 
-Per record, in offset order within a partition (partitions of one batch run concurrently)::
+Per record — records of one trace in offset order, records of different traces (and partitions) concurrently, at
+most ``concurrency`` at a time (the stage's own default: many for grading, one for stages that run a repository's
+commands)::
 
     identify ─► select / policy ─► claim the stage key (ledger lease) ─► stage.work (lease renewed meanwhile)
        │ poison                        │ done already: re-publish the stored result
@@ -103,8 +105,8 @@ class StageRunner:
                  ledger: Ledger, journal: Journal, *, policy: str, owner: str | None = None, lease_s: float = 60.0,
                  max_attempts: int = 5, poll_max_records: int = 100, poll_timeout_s: float = 0.5,
                  commit_interval_s: float = 1.0, backoff_start_s: float = 0.5, backoff_max_s: float = 30.0,
-                 shutdown_grace_s: float = 30.0, metrics: StageMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 shutdown_grace_s: float = 30.0, concurrency: int | None = None,
+                 metrics: StageMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.stage = stage
         self.consumer = consumer
         self.publisher = publisher
@@ -121,6 +123,8 @@ class StageRunner:
         self.backoff_start_s = backoff_start_s
         self.backoff_max_s = backoff_max_s
         self.shutdown_grace_s = shutdown_grace_s
+        self.concurrency = max(1, concurrency or getattr(stage, "default_concurrency", 1))
+        self._slots = asyncio.Semaphore(self.concurrency)
         self.metrics = metrics or StageMetrics()
         self.clock = clock
         self.started = asyncio.Event()
@@ -198,14 +202,31 @@ class StageRunner:
             stopping.cancel()
 
     async def _run_partition(self, partition: int, records: list[BusRecord]) -> None:
+        """Settle ``records``: one chain per record key (trace), in offset order within a chain, chains concurrently
+        (bounded by the runner-wide ``concurrency``); then move the committable offset past the longest prefix of
+        settled records — a record still unsettled (abandoned) holds back every later offset."""
         epoch = self._epochs.get(partition, 0)
+        chains: dict[bytes | None, list[BusRecord]] = {}
         for rec in records:
-            try:
-                await self._handle(rec, epoch)
-            except _Abandoned:
-                return
-            if self._epochs.get(partition, 0) == epoch:
-                self._done[partition] = rec.offset + 1
+            chains.setdefault(rec.key, []).append(rec)
+        settled: set[int] = set()
+
+        async def chain(recs: list[BusRecord]) -> None:
+            for rec in recs:
+                async with self._slots:
+                    try:
+                        await self._handle(rec, epoch)
+                    except _Abandoned:
+                        return
+                settled.add(rec.offset)
+
+        await asyncio.gather(*(chain(c) for c in chains.values()))
+        if self._epochs.get(partition, 0) != epoch:
+            return
+        for rec in records:
+            if rec.offset not in settled:
+                break
+            self._done[partition] = rec.offset + 1
 
     async def _commit_quietly(self) -> None:
         owned = self.consumer.assignment()

@@ -137,6 +137,8 @@ class Stage(Protocol):
     group_id: str
     #: Changes whenever a setting that changes the stage's result changes (part of the stage key).
     config_version: str
+    #: Records worked on at once by one runner when ``--concurrency`` is not given (distinct traces only).
+    default_concurrency: int
 
     def identify(self, record: BusRecord) -> Identity:
         """Parse the record's identity from key and headers. Raises :class:`PoisonInput`."""

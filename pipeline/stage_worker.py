@@ -102,7 +102,8 @@ def build_runner(settings: LoopSettings, stage: Stage, stores: Stores, metrics: 
     return StageRunner(stage, stage_consumer(settings, stage), stores.publisher, dead_letters, stores.ledger,
                        stores.journal, policy=settings.execution_policy, lease_s=settings.lease_s,
                        max_attempts=settings.max_attempts, poll_max_records=settings.poll_max_records,
-                       shutdown_grace_s=settings.shutdown_grace_s, metrics=metrics)
+                       shutdown_grace_s=settings.shutdown_grace_s, concurrency=settings.concurrency,
+                       metrics=metrics)
 
 
 async def ensure_stage_topics(settings: LoopSettings, stage: Stage) -> None:
@@ -131,7 +132,8 @@ async def run_stage_worker(name: str, settings: LoopSettings, stop: asyncio.Even
     """``trace-source worker <name>`` until ``stop`` or SIGTERM/SIGINT. Raises ``KeyError`` for an unknown stage,
     :class:`SettingsError` when the policy never reaches it, and the start-up errors of :func:`open_stores`."""
     stop = stop or asyncio.Event()
-    stage = build_stage(name, settings, ArtifactStore(settings.artifact_root))
+    artifacts = ArtifactStore(settings.artifact_root)
+    stage = build_stage(name, settings, artifacts)
     if not stage.entry and not allows(settings.execution_policy, stage.phase):
         raise SettingsError(f"execution policy {settings.execution_policy} never reaches the {stage.phase} phase: "
                             f"run `worker {name}` with --execution-policy that includes it")
@@ -155,6 +157,7 @@ async def run_stage_worker(name: str, settings: LoopSettings, stop: asyncio.Even
             await health.cleanup()
     finally:
         await stores.close()
+        await artifacts.close()
 
 
 class EmbeddedLoop:
@@ -168,12 +171,13 @@ class EmbeddedLoop:
         self.names = [n for n in ORDER if n in STAGES and (n == "grade" or allows(settings.execution_policy, n))]
         self.runners: list[StageRunner] = []
         self._stores: Stores | None = None
+        self._artifacts: ArtifactStore | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         self._stores = await open_stores(self.settings)
-        artifacts = ArtifactStore(self.settings.artifact_root)
+        self._artifacts = artifacts = ArtifactStore(self.settings.artifact_root)
         for name in self.names:
             stage = build_stage(name, self.settings, artifacts)
             runner = build_runner(self.settings, stage, self._stores, self.metrics)
@@ -203,3 +207,5 @@ class EmbeddedLoop:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._stores is not None:
             await self._stores.close()
+        if self._artifacts is not None:
+            await self._artifacts.close()

@@ -17,10 +17,12 @@ from pathlib import Path
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     """Write ``data`` to ``path`` atomically and durably: readers see the old file or the new one, never a mix.
 
-    Creates missing parent directories. Raises ``OSError`` (disk full, permissions); the temp file is removed then.
+    Creates missing parent directories. ``sync_dir=False`` leaves the directory's fsync (which makes the rename
+    durable) to the caller, who may do it once for many files. Raises ``OSError`` (disk full, permissions); the temp
+    file is removed then.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -36,6 +38,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not sync_dir:
+        return
     # The rename itself is durable only once the directory entry is.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

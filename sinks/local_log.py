@@ -410,21 +410,27 @@ class LocalLogAppender:
     def append(self, topic: str, key: str | None, value: bytes, headers_json: str, *, content_type: str,
                source_id: str = "", received_at_ns: int = 0) -> int:
         """Append one record; returns its offset. ``headers_json``: ``[[name, base64 value], ...]``."""
+        return self.append_many([(topic, key, value, headers_json, content_type, source_id, received_at_ns)])[0]
+
+    def append_many(self, rows: list[tuple[str, str | None, bytes, str, str, str, int]]) -> list[int]:
+        """Append ``(topic, key, value, headers_json, content_type, source_id, received_at_ns)`` rows in one
+        transaction (one fsync); returns their offsets, in order."""
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                cur = conn.execute(
+                offsets = [conn.execute(
                     "INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type,"
                     " transport, headers) VALUES (?, ?, ?, '', ?, ?, ?, '', ?)",
-                    (topic, key, value, source_id, received_at_ns, content_type, headers_json))
+                    (topic, key, value, source_id, received_at_ns, content_type, headers_json)).lastrowid
+                    for topic, key, value, headers_json, content_type, source_id, received_at_ns in rows]
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
-            return cur.lastrowid
+            return offsets
 
     def append_once(self, topic: str, key: str | None, value: bytes, headers_json: str, *, content_type: str,
                     idempotency_key: str, result: str, source_id: str = "",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -24,6 +24,10 @@ from kafka_harness import (
     create_topic,
     probe_kafka,
 )
+
+if TYPE_CHECKING:
+    from fake_github import FakeGitHub
+    from forge_harness import GiteaServer
 
 # --------------------------------------------------------------------------- Kafka
 
@@ -103,3 +107,44 @@ async def kafka_topic(kafka_bootstrap: str, request: pytest.FixtureRequest) -> s
     name = f"test-{uuid.uuid4().hex[:12]}"
     await create_topic(kafka_bootstrap, name, partitions=getattr(request, "param", 3))
     return name
+
+
+# --------------------------------------------------------------------------- forges
+
+NO_GITEA_HELP = """\
+No Gitea for the forge tests: {reason}
+
+`make test` builds it once from the Go module proxy into ~/.cache/trace-source (about 9 minutes the first time);
+by hand: `python tests/forge_harness.py --build` (needs Go 1.26+), or set TRACE_SOURCE_TEST_GITEA to a Gitea or
+Forgejo binary with its options/ directory beside it."""
+
+
+@pytest.fixture(scope="session")
+def gitea(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GiteaServer]:
+    """A real Gitea server for the whole session (``tests/forge_harness.py``): SQLite in a temporary directory,
+    on a free loopback port, with an admin and its API token (``gitea.token``). Tests create their own
+    repositories (unique names) through its helpers."""
+    from forge_harness import GiteaError, GiteaServer
+
+    server = GiteaServer(workdir=tmp_path_factory.mktemp("gitea"))
+    try:
+        server.start()
+    except (GiteaError, OSError) as exc:
+        reason = str(exc)
+    else:
+        try:
+            yield server
+        finally:
+            server.stop()
+        return
+    pytest.fail(NO_GITEA_HELP.format(reason=reason), pytrace=False)
+
+
+@pytest.fixture
+def fake_github() -> Iterator[FakeGitHub]:
+    """The local stand-in for the hosted GitHub REST API (``tests/fake_github.py``), empty; a test adds
+    repositories (backed by git repositories on disk) and tokens."""
+    from fake_github import FakeGitHub
+
+    with FakeGitHub() as fake:
+        yield fake

@@ -35,8 +35,9 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from local_http import LocalHTTPServer, QuietHandler
 
 TASK = "What's the weather in Paris?"
 TOOL_NAME = "get_weather"
@@ -201,54 +202,25 @@ def _usage(usage: tuple[int, int]) -> dict[str, Any]:
     }
 
 
-class FakeLLM:
+class FakeLLM(LocalHTTPServer):
     """The fake server. ``with FakeLLM() as llm: llm.base_url`` -> ``http://127.0.0.1:<port>/v1``."""
+
+    thread_name = "fake-llm"
 
     def __init__(self) -> None:
         self.requests: list[SeenRequest] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._counter = 0
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "FakeLLM is not started"
-        return self._server.server_address[1]
+    def _handler_class(self) -> type[_Handler]:
+        return _Handler
 
     @property
     def base_url(self) -> str:
         """OpenAI-style base URL, including ``/v1``."""
         return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> "FakeLLM":
-        owner = self
-
-        class Handler(_Handler):
-            fake = owner
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-llm", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self) -> "FakeLLM":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- bookkeeping ------------------------------------------------------------------------------------
 
@@ -266,26 +238,13 @@ class FakeLLM:
             return [r for r in self.requests if model is None or r.model == model]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     fake: FakeLLM
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet server
-        pass
-
     def _send_json(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status >= 500:
-            # Keep clients from waiting out a retry delay; they still retry as configured.
-            self.send_header("Retry-After", "0")
-        self.end_headers()
-        try:
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a judge timeout test)
-            self.close_connection = True
+        # Retry-After: 0 on a 5xx keeps clients from waiting out a retry delay; they still retry as configured.
+        self.send_json(status, payload, {"Retry-After": "0"} if status >= 500 else None)
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path.rstrip("/") in ("/v1/models", "/models"):

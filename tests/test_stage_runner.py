@@ -313,3 +313,34 @@ async def test_a_run_whose_policy_stops_before_the_stage_is_skipped(state):
     async with Harness(state, EchoStage(), group="narrow", policy="observe") as h2:
         await h2.until(lambda: committed(state, "narrow") == last_input(state))
     assert h2.stage.calls == []  # the worker's own policy is narrower than the run's
+
+
+async def test_distinct_traces_run_concurrently_one_traces_records_in_order_and_commits_stay_contiguous(state):
+    class Tracking(EchoStage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inflight = 0
+            self.peak = 0
+            self.order: list[bytes] = []
+
+        async def work(self, item: WorkItem) -> Outcome:
+            self.inflight += 1
+            self.peak = max(self.peak, self.inflight)
+            try:
+                await asyncio.sleep(0.05)
+                self.order.append(item.record.value)
+                return await super().work(item)
+            finally:
+                self.inflight -= 1
+
+    # Trace 0 has three records (three envelope versions) that must stay in order; traces 1..6 one each.
+    for v in range(3):
+        put(state, 0, f"t0 v{v}".encode(), key=f"{100 + v:064x}")
+    for n in range(1, 7):
+        put(state, n)
+    stage = Tracking()
+    async with Harness(state, stage, concurrency=4) as h:
+        await h.until(lambda: committed(state) == last_input(state))
+    assert 2 <= stage.peak <= 4
+    assert [v for v in stage.order if v.startswith(b"t0")] == [b"t0 v0", b"t0 v1", b"t0 v2"]
+    assert len(outputs(state)) == 9

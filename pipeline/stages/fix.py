@@ -77,6 +77,7 @@ class FixStage:
     phase = "fix"
     entry = False
     group_id = GROUP_ID
+    default_concurrency = 1
 
     def __init__(self, settings: LoopSettings, artifacts: ArtifactStore) -> None:
         self.settings = settings

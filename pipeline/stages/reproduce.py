@@ -40,6 +40,7 @@ class ReproduceStage:
     phase = "reproduce"
     entry = False
     group_id = GROUP_ID
+    default_concurrency = 1
 
     def __init__(self, settings: LoopSettings, artifacts: ArtifactStore) -> None:
         self.settings = settings

@@ -109,6 +109,7 @@ class SeedStage:
     phase = "seed"
     entry = False
     group_id = GROUP_ID
+    default_concurrency = 4
 
     def __init__(self, settings: LoopSettings, artifacts: ArtifactStore) -> None:
         self.settings = settings
