@@ -64,7 +64,8 @@ def _locked(state_dir: Path):
         os.replace(tmp, path)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -84,7 +85,7 @@ def registered(state_dir: str | Path) -> list[dict]:
         loops = json.loads(path.read_text()).get("loops", [])
     except (OSError, ValueError):
         return []
-    return [{**entry, "running": _alive(int(entry.get("pid", 0) or 0))} for entry in loops]
+    return [{**entry, "running": process_alive(int(entry.get("pid", 0) or 0))} for entry in loops]
 
 
 def register(state_dir: Path, entry: dict) -> None:
@@ -118,9 +119,9 @@ def detach(state_dir: Path, watch_dir: str | Path, *, timeout_s: float = 30.0) -
     if was_running:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while _alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(pid):
+        if process_alive(pid):
             os.kill(pid, signal.SIGKILL)
     unregister(state_dir, entry["watch_dir"])
     return {**entry, "was_running": was_running}
