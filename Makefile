@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JS_DIR := tests/interop/js
 
-.PHONY: serve test bench bench-assembler bench-grade clean-venv
+.PHONY: serve test postgres-server bench bench-assembler bench-grade clean-venv
 
 # Virtualenv with the package (editable) and its test extras; re-installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -22,7 +22,7 @@ serve: $(VENV)/.installed
 	$(VENV)/bin/trace-source serve --port 4319
 
 # Fetches Kafka 3.9.2 jars from Maven Central into ~/.cache/trace-source (outside git) and runs every test,
-# including those against a real broker started by the test harness.
+# including those against a real broker and a real Postgres server started by the test harnesses.
 # helm for the chart tests, built from the Go module proxy into the same cache (the first build takes minutes).
 HELM := $(HOME)/.cache/trace-source/bin/helm
 $(HELM):
@@ -40,7 +40,20 @@ AIDER := $(HOME)/.cache/trace-source/aider-0.86.2/bin/aider
 $(AIDER):
 	$(PYTHON) tests/coding_agent.py install
 
-test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed $(HELM) $(GITEA) $(AIDER)
+
+# Postgres server binaries for the tests' harness (tests/postgres_harness.py starts its own server from them):
+# Debian's postgresql package, installed when none are found and TRACE_SOURCE_TEST_DATABASE_URL names no server
+# (CI runs as root; elsewhere through sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+postgres-server: $(VENV)/.installed
+	@if [ -z "$$TRACE_SOURCE_TEST_DATABASE_URL" ] && ! $(PY) tests/postgres_harness.py --find >/dev/null 2>&1; then \
+	  echo "no Postgres server binaries: installing Debian's postgresql package"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql && \
+	  $(PY) tests/postgres_harness.py --find; \
+	fi
+
+test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed $(HELM) $(GITEA) $(AIDER) postgres-server
 	$(PY) tests/kafka_harness.py --fetch
 	$(PY) -m pytest $(PYTEST_ARGS)
 

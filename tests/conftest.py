@@ -5,17 +5,25 @@ broker shared by the whole session (given from outside or started by
 ``tests/kafka_harness.py``); ``kafka_broker_factory`` starts dedicated brokers that a
 test may stop, kill and restart. When no broker can be had the tests fail, with
 :data:`NO_KAFKA_HELP` saying how to provide one; they are never skipped.
+
+Postgres: likewise real. ``postgres_server_url`` is one server for the whole session
+(given from outside or started by ``tests/postgres_harness.py``); ``postgres_url`` is a
+fresh, empty database on it for each test. No server: the tests fail with
+:data:`NO_POSTGRES_HELP`.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 
+import postgres_harness
 from kafka_harness import (
     KAFKA_VERSION,
     KafkaBroker,
@@ -24,6 +32,7 @@ from kafka_harness import (
     create_topic,
     probe_kafka,
 )
+from pipeline.postgres_store import describe_url
 
 if TYPE_CHECKING:
     from fake_github import FakeGitHub
@@ -148,3 +157,78 @@ def fake_github() -> Iterator[FakeGitHub]:
 
     with FakeGitHub() as fake:
         yield fake
+
+
+# --------------------------------------------------------------------------- Postgres
+
+DATABASE_URL_ENV = "TRACE_SOURCE_TEST_DATABASE_URL"
+
+NO_POSTGRES_HELP = f"""\
+No Postgres server for the tests: {{reason}}
+
+Provide one in one of two ways:
+  * set {DATABASE_URL_ENV}=postgresql://user:password@host:port/db to use a running
+    server (the user must be allowed to CREATE DATABASE: each test gets its own);
+  * install the server binaries (Debian: `apt-get install postgresql`, which `make test`
+    does when it runs as root) so tests/postgres_harness.py can start a server itself
+    (it looks in /usr/lib/postgresql/*/bin, `pg_config --bindir` and PATH)."""
+
+
+def _started_postgres() -> postgres_harness.PostgresServer:
+    """A Postgres server started by the harness; fails the test with :data:`NO_POSTGRES_HELP` when it cannot."""
+    server = postgres_harness.PostgresServer()
+    try:
+        server.start()
+    except (postgres_harness.PostgresHarnessError, OSError, subprocess.SubprocessError) as exc:
+        server.stop()
+        reason = str(exc)
+    else:
+        return server
+    pytest.fail(NO_POSTGRES_HELP.format(reason=reason), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """Superuser URL of the session's Postgres server: ``$TRACE_SOURCE_TEST_DATABASE_URL`` if set (checked to
+    answer first), otherwise a server started by the harness for the whole session."""
+    given = os.environ.get(DATABASE_URL_ENV)
+    if given:
+        try:
+            postgres_harness.probe_postgres(given)
+        except (psycopg.Error, OSError) as exc:
+            reason = f"{DATABASE_URL_ENV} ({describe_url(given)}): {exc}"
+        else:
+            yield given
+            return
+        pytest.fail(NO_POSTGRES_HELP.format(reason=reason), pytrace=False)
+    server = _started_postgres()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_server_factory() -> Iterator[Callable[[], postgres_harness.PostgresServer]]:
+    """Start dedicated Postgres servers (for tests that stop one): ``postgres_server_factory()`` returns a started
+    :class:`postgres_harness.PostgresServer` (superuser URL: ``.url``); every server is stopped at teardown. Needs the
+    server binaries (a server given by URL cannot be stopped)."""
+    servers: list[postgres_harness.PostgresServer] = []
+
+    def start() -> postgres_harness.PostgresServer:
+        servers.append(_started_postgres())
+        return servers[-1]
+
+    yield start
+    for server in reversed(servers):
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url: str) -> Iterator[str]:
+    """``postgresql://`` URL of a fresh, empty database for this test (dropped afterwards), so tests never see each
+    other's rows."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    url = postgres_harness.create_database(postgres_server_url, name)
+    yield url
+    postgres_harness.drop_database(postgres_server_url, name)

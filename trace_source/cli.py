@@ -369,6 +369,7 @@ def status(trace: str | None, limit: int, as_json: bool, **flags) -> None:
     Reads <state-dir>/runs.jsonl, or the Postgres journal when --database-url-env names a set variable.
     """
     settings = load_loop_settings(flags)
+    from pipeline.journal import JournalError
     from trace_source.status import render_run, render_source, render_summary
 
     try:
@@ -377,6 +378,8 @@ def status(trace: str | None, limit: int, as_json: bool, **flags) -> None:
             else render_summary(settings, limit=limit, as_json=as_json))
     except LookupError as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
+    except JournalError as exc:  # e.g. the Postgres journal is unreachable
+        raise click.ClickException(str(exc)) from None
     click.echo(text, nl=False)
 
 
@@ -395,12 +398,14 @@ def reprocess(trace: str, phase: str | None, reason: str, **flags) -> None:
     """
     explicit = {k: v for k, v in flags.items() if v is not None}
     settings = load_loop_settings(flags)
+    from pipeline.journal import JournalError
+    from pipeline.ledger import LedgerError
     from pipeline.reprocess import ReprocessError, reprocess as run_reprocess
 
     try:
         done = asyncio.run(run_reprocess(settings, trace, phase=phase, reason=reason,
                                          policy=explicit.get("execution_policy")))
-    except ReprocessError as exc:
+    except (ReprocessError, LedgerError, JournalError) as exc:  # also an unreachable Postgres ledger / journal
         raise click.ClickException(str(exc)) from None
     click.echo(f"reprocessing {done.trace_id}: phase {done.phase}, new run {done.run.run_id} "
                f"(parent {done.previous_run_id}, policy {done.run.policy}) -> {done.input_topic}")

@@ -1,0 +1,183 @@
+"""The cluster's ledger: table ``stage_runs`` in Postgres (psycopg 3, async), shared by every worker of every stage.
+
+Same behaviour as :class:`pipeline.ledger.sqlite.SqliteLedger`, made safe for many workers on many machines:
+
+* **claim** first tries ``INSERT ... ON CONFLICT (stage_key) DO NOTHING`` (a new key: one statement, the row is
+  ours). When the row exists, one transaction locks it with ``SELECT ... FOR UPDATE``, applies the shared rule
+  :func:`pipeline.ledger.decide_claim` and updates it; concurrent claimers of one key queue on the row lock, so
+  exactly one of them acquires it.
+* **renew / complete / fail / release** are single ``UPDATE ... WHERE state = 'claimed' AND lease_owner = %s``
+  statements (fencing: a worker that lost its lease matches no row and gets :class:`~pipeline.ledger.LeaseLost`).
+* Times are the **server's** ``now()`` (lease expiry ``now() + lease``), stored as ``timestamptz`` and read back as
+  unix seconds, so workers whose clocks disagree still agree on when a lease has expired.
+
+The schema is created and migrated at :meth:`PostgresLedger.start` (component ``ledger`` in ``schema_migrations``,
+see :mod:`pipeline.postgres_store`). Every method raises :class:`~pipeline.ledger.LedgerError` when the database
+cannot be used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from pipeline.ledger import (
+    Acquired, ClaimResult, Completion, Finished, Held, LeaseLost, LedgerError, LedgerRow, RowInfo, decide_claim,
+    decode_headers, encode_headers)
+from pipeline.postgres_store import PostgresStore, text_safe
+
+#: Schema scripts; ``MIGRATIONS[i]`` takes the ledger from version ``i`` to ``i + 1``.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE stage_runs (
+        stage_key TEXT PRIMARY KEY,
+        stage TEXT NOT NULL,
+        trace_id TEXT NOT NULL,
+        envelope_key TEXT NOT NULL,
+        config_version TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('claimed', 'done', 'blocked', 'failed', 'reopened')),
+        lease_owner TEXT,
+        lease_expires_at TIMESTAMPTZ,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        generation INTEGER NOT NULL DEFAULT 0,
+        result BYTEA,
+        result_headers TEXT,
+        error TEXT,
+        input_topic TEXT NOT NULL DEFAULT '',
+        input_partition INTEGER NOT NULL DEFAULT 0,
+        input_offset BIGINT NOT NULL DEFAULT 0,
+        created_at TIMESTAMPTZ NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        journal BYTEA
+    );
+    CREATE INDEX stage_runs_trace ON stage_runs (trace_id, updated_at);
+    CREATE INDEX stage_runs_stage ON stage_runs (stage, updated_at);
+    CREATE INDEX stage_runs_updated ON stage_runs (updated_at);
+    """,
+)
+
+#: The columns of :class:`LedgerRow`, in order; times as unix seconds.
+_COLUMNS = ("stage_key, stage, trace_id, envelope_key, config_version, state, lease_owner, "
+            "extract(epoch FROM lease_expires_at)::float8, attempts, generation, result, result_headers, error, "
+            "input_topic, input_partition, input_offset, extract(epoch FROM created_at)::float8, "
+            "extract(epoch FROM updated_at)::float8, journal")
+
+_LEASE = "now() + make_interval(secs => %s::float8)"
+_OWNED = "stage_key = %s AND state = 'claimed' AND lease_owner = %s"
+
+
+def _row(values: Any) -> LedgerRow | None:
+    if values is None:
+        return None
+    return LedgerRow(*values[:11], decode_headers(values[11]), *values[12:])
+
+
+class PostgresLedger(PostgresStore):
+    """:class:`pipeline.ledger.Ledger` over the Postgres database at ``database_url`` (see
+    :class:`pipeline.postgres_store.PostgresStore` for the pool and timeouts)."""
+
+    component = "ledger"
+    migrations = MIGRATIONS
+    error = LedgerError
+
+    @staticmethod
+    async def _get(conn: AsyncConnection, key: str, *, lock: bool = False) -> LedgerRow | None:
+        cur = await conn.execute(f"SELECT {_COLUMNS} FROM stage_runs WHERE stage_key = %s"
+                                 + (" FOR UPDATE" if lock else ""), (key,))
+        return _row(await cur.fetchone())
+
+    async def claim(self, key: str, info: RowInfo, owner: str, lease_s: float) -> ClaimResult:
+        async with self.connection(transaction=False) as conn:
+            cur = await conn.execute(
+                "INSERT INTO stage_runs (stage_key, stage, trace_id, envelope_key, config_version, state, lease_owner, "
+                "lease_expires_at, attempts, input_topic, input_partition, input_offset, created_at, updated_at) "
+                f"VALUES (%s, %s, %s, %s, %s, 'claimed', %s, {_LEASE}, 1, %s, %s, %s, now(), now()) "
+                f"ON CONFLICT (stage_key) DO NOTHING RETURNING {_COLUMNS}",
+                (key, info.stage, info.trace_id, info.envelope_key, info.config_version, owner, lease_s,
+                 info.input_topic, info.input_partition, info.input_offset))
+            if (inserted := _row(await cur.fetchone())) is not None:
+                return Acquired(inserted)
+        async with self.connection() as conn:
+            row = await self._get(conn, key, lock=True)
+            now = await self._now(conn)
+            decision = decide_claim(row, owner, now)
+            if decision == "finished":
+                return Finished(row)
+            if decision == "held":
+                return Held(row, row.lease_expires_at or now)
+            if decision == "insert":  # only if rows were ever deleted by hand; the next claim inserts it
+                raise LedgerError(f"stage key {key[:12]}… vanished from {self.target} during a claim")
+            cur = await conn.execute(
+                f"UPDATE stage_runs SET state = 'claimed', lease_owner = %s, lease_expires_at = {_LEASE}, "
+                f"attempts = attempts + 1, updated_at = now() WHERE stage_key = %s RETURNING {_COLUMNS}",
+                (owner, lease_s, key))
+            return Acquired(_row(await cur.fetchone()))
+
+    @staticmethod
+    async def _now(conn: AsyncConnection) -> float:
+        """The transaction's ``now()`` as unix seconds (the server's clock)."""
+        cur = await conn.execute("SELECT extract(epoch FROM now())::float8")
+        return (await cur.fetchone())[0]
+
+    async def _owned_update(self, key: str, owner: str, assignments: str, params: tuple) -> LedgerRow:
+        """``UPDATE`` the row if ``owner`` holds its claim; else raise :class:`LeaseLost` naming the holder."""
+        async with self.connection(transaction=False) as conn:
+            cur = await conn.execute(f"UPDATE stage_runs SET {assignments}, updated_at = now() WHERE {_OWNED} "
+                                     f"RETURNING {_COLUMNS}", (*params, key, owner))
+            if (row := _row(await cur.fetchone())) is not None:
+                return row
+            current = await self._get(conn, key)
+        holder = "nobody" if current is None else f"{current.lease_owner} ({current.state})"
+        raise LeaseLost(f"stage key {key[:12]}… is no longer claimed by {owner}: now {holder}")
+
+    async def renew(self, key: str, owner: str, lease_s: float) -> None:
+        await self._owned_update(key, owner, f"lease_expires_at = {_LEASE}", (lease_s,))
+
+    async def complete(self, key: str, owner: str, completion: Completion) -> LedgerRow:
+        return await self._owned_update(
+            key, owner, "state = %s, result = %s, result_headers = %s, journal = %s, error = NULL, "
+                        "lease_owner = NULL, lease_expires_at = NULL",
+            (completion.state, completion.result, encode_headers(completion.result_headers), completion.journal))
+
+    async def fail(self, key: str, owner: str, error: str) -> LedgerRow:
+        return await self._owned_update(
+            key, owner, "state = 'failed', error = %s, lease_owner = NULL, lease_expires_at = NULL",
+            (text_safe(error),))
+
+    async def release(self, key: str, owner: str) -> None:
+        async with self.connection(transaction=False) as conn:
+            await conn.execute("UPDATE stage_runs SET lease_owner = NULL, lease_expires_at = now(), "
+                               f"updated_at = now() WHERE {_OWNED}", (key, owner))
+
+    async def reopen(self, key: str, reason: str) -> LedgerRow | None:
+        async with self.connection(transaction=False) as conn:
+            cur = await conn.execute(
+                "UPDATE stage_runs SET state = 'reopened', generation = generation + 1, error = %s, "
+                "lease_owner = NULL, lease_expires_at = NULL, updated_at = now() "
+                f"WHERE stage_key = %s AND state IN ('done', 'blocked', 'failed') RETURNING {_COLUMNS}",
+                (text_safe(f"reopened: {reason}"), key))
+            if (row := _row(await cur.fetchone())) is not None:
+                return row
+            return await self._get(conn, key)  # none, or not terminal: unchanged
+
+    async def get(self, key: str) -> LedgerRow | None:
+        async with self.connection(transaction=False) as conn:
+            return await self._get(conn, key)
+
+    async def rows(self, *, trace_id: str | None = None, stage: str | None = None,
+                   limit: int = 1000) -> list[LedgerRow]:
+        where, params = [], []  # type: list[str], list[Any]
+        if trace_id is not None:
+            where.append("trace_id = %s")
+            params.append(trace_id)
+        if stage is not None:
+            where.append("stage = %s")
+            params.append(stage)
+        sql = f"SELECT {_COLUMNS} FROM stage_runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY updated_at DESC, stage_key LIMIT %s"
+        async with self.connection(transaction=False) as conn:
+            cur = await conn.execute(sql, (*params, limit))
+            return [_row(r) for r in await cur.fetchall()]
