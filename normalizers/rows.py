@@ -7,7 +7,9 @@ parent is its parent row's span, or the root when it has none (or names a span t
 are named by a :class:`RowMapping`. A JSON attributes column keeps its keys as span attributes, so GenAI
 (``gen_ai.*``), OpenInference (``openinference.span.kind``, ``llm.*``, ``input.value``) or Langfuse attributes
 stored there are read by the same dialect readers as pushed OTLP. Input / output columns become OpenInference
-``input.value`` / ``output.value`` (JSON text for structured values) unless the attributes already hold them.
+``input.value`` / ``output.value`` (JSON text for structured values) unless the attributes already hold them; a
+root holding them is marked ``openinference.span.kind: CHAIN`` (unless its attributes name a kind), so the run's
+task input and final output come from the trace row.
 
 Times: the trace row's start / end columns when mapped and set, else the earliest span start / latest span end.
 A span without an end time keeps ``0`` (the envelope then shows it unfinished).
@@ -137,6 +139,10 @@ def spans_from_rows(trace_row: Mapping[str, Any], span_rows: Sequence[Mapping[st
     root_attrs = flatten_attributes(_get(trace_row, mapping.trace_attributes))
     _io(root_attrs, trace_row, mapping.trace_input, "input.value")
     _io(root_attrs, trace_row, mapping.trace_output, "output.value")
+    if ("input.value" in root_attrs or "output.value" in root_attrs) and "openinference.span.kind" not in root_attrs:
+        # The trace row is the run: said the OpenInference way (a CHAIN span with input.value / output.value),
+        # so the run view takes its task input and final output from here.
+        root_attrs["openinference.span.kind"] = "CHAIN"
     root_attrs["trace_source.row"] = "trace"
     if not is_native_trace_id(raw_trace_id):
         root_attrs.setdefault(ATTR_SOURCE_TRACE_ID, str(raw_trace_id))
