@@ -119,21 +119,19 @@ def _parse_json(data: bytes, name: str) -> FileContent:
     return out
 
 
+#: OTLP JSON documents: (keys that announce one, message type, decoder, FileContent list, what it holds).
+_OTLP_JSON = ((("resourceSpans", "resource_spans"), TracesData, spans_from_traces_data, "spans", "traces"),
+              (("resourceLogs", "resource_logs"), LogsData, log_events_from_logs_data, "log_events", "logs"))
+
+
 def _add_document(out: FileContent, doc: Any, where: str) -> str:
-    if isinstance(doc, dict) and ("resourceSpans" in doc or "resource_spans" in doc):
-        raw = json.dumps(doc).encode()
-        try:
-            out.spans.extend(spans_from_traces_data(parse_json_request(raw, TracesData)))
-        except OtlpJsonError as exc:
-            raise BrokenFile(f"{where}invalid OTLP JSON traces: {exc.message}") from None
-        return "otlp"
-    if isinstance(doc, dict) and ("resourceLogs" in doc or "resource_logs" in doc):
-        raw = json.dumps(doc).encode()
-        try:
-            out.log_events.extend(log_events_from_logs_data(parse_json_request(raw, LogsData)))
-        except OtlpJsonError as exc:
-            raise BrokenFile(f"{where}invalid OTLP JSON logs: {exc.message}") from None
-        return "otlp"
+    for keys, message_type, decode, target, what in _OTLP_JSON:
+        if isinstance(doc, dict) and any(k in doc for k in keys):
+            try:
+                getattr(out, target).extend(decode(parse_json_request(json.dumps(doc).encode(), message_type)))
+            except OtlpJsonError as exc:
+                raise BrokenFile(f"{where}invalid OTLP JSON {what}: {exc.message}") from None
+            return "otlp"
     if isinstance(doc, dict) and str(doc.get("schema_version", "")).startswith(ENVELOPE_PREFIX):
         try:
             out.envelopes.append(Envelope.model_validate(doc))

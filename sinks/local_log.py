@@ -84,6 +84,8 @@ _SELECT = (
     'SELECT "offset", topic, key, value, signal, source_id, received_at_ns, content_type, transport, headers'
     ' FROM records'
 )
+_APPEND = ("INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type, transport, headers)"
+           " VALUES (?, ?, ?, '', ?, ?, ?, '', ?)")
 #: Upgrades from the version in the key to the next one.
 _MIGRATIONS = {
     1: "ALTER TABLE records ADD COLUMN headers TEXT",
@@ -415,22 +417,25 @@ class LocalLogAppender:
     def append_many(self, rows: list[tuple[str, str | None, bytes, str, str, str, int]]) -> list[int]:
         """Append ``(topic, key, value, headers_json, content_type, source_id, received_at_ns)`` rows in one
         transaction (one fsync); returns their offsets, in order."""
+        with self._transaction() as conn:
+            return [conn.execute(_APPEND, (topic, key, value, source_id, received_at_ns, content_type,
+                                           headers_json)).lastrowid
+                    for topic, key, value, headers_json, content_type, source_id, received_at_ns in rows]
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` under the lock; rolled back when the body raises."""
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                offsets = [conn.execute(
-                    "INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type,"
-                    " transport, headers) VALUES (?, ?, ?, '', ?, ?, ?, '', ?)",
-                    (topic, key, value, source_id, received_at_ns, content_type, headers_json)).lastrowid
-                    for topic, key, value, headers_json, content_type, source_id, received_at_ns in rows]
+                yield conn
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
-            return offsets
 
     def append_once(self, topic: str, key: str | None, value: bytes, headers_json: str, *, content_type: str,
                     idempotency_key: str, result: str, source_id: str = "",
@@ -442,28 +447,16 @@ class LocalLogAppender:
         with). Returns ``(offset, result, appended)``: the new offset and ``result``, or the original record's
         offset and stored result with ``appended`` false.
         """
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute('SELECT "offset", result FROM idempotency_keys WHERE topic = ? AND '
-                                   'idempotency_key = ?', (topic, idempotency_key)).fetchone()
-                if row is not None:
-                    conn.execute("COMMIT")
-                    return row[0], row[1], False
-                cur = conn.execute(
-                    "INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type,"
-                    " transport, headers) VALUES (?, ?, ?, '', ?, ?, ?, '', ?)",
-                    (topic, key, value, source_id, received_at_ns, content_type, headers_json))
-                conn.execute('INSERT INTO idempotency_keys (topic, idempotency_key, "offset", result) VALUES '
-                             '(?, ?, ?, ?)', (topic, idempotency_key, cur.lastrowid, result))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                raise
-            return cur.lastrowid, result, True
+        with self._transaction() as conn:
+            row = conn.execute('SELECT "offset", result FROM idempotency_keys WHERE topic = ? AND idempotency_key = ?',
+                               (topic, idempotency_key)).fetchone()
+            if row is not None:
+                return row[0], row[1], False
+            offset = conn.execute(_APPEND, (topic, key, value, source_id, received_at_ns, content_type,
+                                            headers_json)).lastrowid
+            conn.execute('INSERT INTO idempotency_keys (topic, idempotency_key, "offset", result) VALUES (?, ?, ?, ?)',
+                         (topic, idempotency_key, offset, result))
+        return offset, result, True
 
     def close(self) -> None:
         with self._lock:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import structlog
 
+from pipeline.harness import process_alive
+
 log = structlog.get_logger("trace_source.autoloop")
 
 REGISTRY = "autoloops.json"
@@ -62,20 +64,6 @@ def _locked(state_dir: Path):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"loops": holder["loops"]}, indent=2) + "\n")
         os.replace(tmp, path)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def registered(state_dir: str | Path) -> list[dict]:
