@@ -250,3 +250,25 @@ def test_rows_inserted_while_watch_runs_and_a_sigkill_loses_and_repeats_nothing(
         restarted.stop()
     counts = keys_on_topic(state)
     assert len(counts) == 160 and set(counts.values()) == {1}, [k for k, v in counts.items() if v > 1]
+
+
+def test_the_registry_in_postgres_for_the_cluster_shape(app_db, tmp_path: Path) -> None:
+    app_db, reader = app_db
+    with psycopg.connect(app_db, autocommit=True) as conn:
+        ids = [add_run(conn, n, at=T0, fail=n == 0) for n in range(3)]
+    # The registry in the cluster's database (the superuser's URL, as the ledger and journal use it); the app's rows
+    # read with the read-only role.
+    env = {"TRACE_SOURCE_DATABASE_URL": app_db, "APP_DB": reader}
+    state = tmp_path / "state"
+    assert cli("connect", "postgres", "--name", "shared", "--database-url-env", "APP_DB", "--state-dir", str(state),
+               env=env).returncode == 0
+    assert {r["trace_id"] for r in sync(state, "shared", env)["traces"]} == {trace_id_of(i) for i in ids}
+    assert not (state / "sources.db").exists()
+    with psycopg.connect(app_db) as conn:
+        assert conn.execute("SELECT name, provider FROM sources").fetchall() == [("shared", "postgres")]
+        assert conn.execute("SELECT imported_total, blocked FROM source_state").fetchall() == [(3, 0)]
+        assert conn.execute("SELECT count(*) FROM imported WHERE source = 'shared'").fetchone() == (3,)
+        assert conn.execute("SELECT version FROM schema_migrations WHERE component = 'sources'").fetchall() == [(1,)]
+    listed = json.loads(cli("status", "--json", "--state-dir", str(state), env=env).stdout)
+    assert [(s["name"], s["imported_total"]) for s in listed["sources"]] == [("shared", 3)]
+    assert sync(state, "shared", env)["traces"] == []  # the cursor is shared state too

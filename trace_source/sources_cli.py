@@ -15,6 +15,11 @@ STATE_DIR_HELP = "State directory: the source registry (sources.db) and, embedde
 
 
 def _state_dir_option(func):
+    func = click.option("--registry-url-env", "registry_url_env", default="TRACE_SOURCE_DATABASE_URL",
+                        show_default=True,
+                        help="Name of the environment variable holding the cluster's Postgres URL (the ledger's and "
+                             "journal's): when it is set, the source registry lives there (tables sources, "
+                             "source_state, imported, rejected) instead of <state-dir>/sources.db.")(func)
     return click.option("--state-dir", envvar="TRACE_SOURCE_STATE_DIR", type=click.Path(path_type=Path),
                         default=Path(".trace-source"), show_default=True,
                         help=STATE_DIR_HELP + " [env TRACE_SOURCE_STATE_DIR]")(func)
@@ -59,10 +64,13 @@ async def open_destination(state_dir: Path, kafka: str | None, upload: bool, end
         await sink.stop()
 
 
-def _store(state_dir: Path, create: bool = True):
-    from pipeline.sources.store import SourceStore
+def _store(state_dir: Path, registry_url_env: str = "TRACE_SOURCE_DATABASE_URL"):
+    from pipeline.sources.store import SourceStoreError, open_source_store
 
-    return SourceStore(state_dir, create=create)
+    try:
+        return open_source_store(state_dir, os.environ.get(registry_url_env) or None)
+    except SourceStoreError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _print_results(results, rejected, as_json: bool, *, preview: bool = False, where: str = "") -> None:
@@ -119,7 +127,7 @@ def register(main: click.Group) -> None:
     @_destination_options
     @_state_dir_option
     def import_(path: Path, preview: bool, as_json: bool, source_name: str, repository: str | None,
-                kafka_bootstrap_servers, upload, endpoint, token_env, state_dir: Path) -> None:
+                kafka_bootstrap_servers, upload, endpoint, token_env, state_dir: Path, registry_url_env: str) -> None:
         """Import trace files: a file, or a directory (read recursively).
 
         \b
@@ -143,7 +151,7 @@ def register(main: click.Group) -> None:
         reads = [read_trace_file(f) for f in files]
         rejected = [(str(r.path), r.kind, r.error) for r in reads if r.error]
         traces = merge_reads(reads)
-        store = _store(state_dir)
+        store = _store(state_dir, registry_url_env)
 
         async def run():
             results = []
@@ -189,14 +197,14 @@ def register(main: click.Group) -> None:
     @click.argument("name")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @_state_dir_option
-    def test_cmd(name: str, as_json: bool, state_dir: Path) -> None:
+    def test_cmd(name: str, as_json: bool, state_dir: Path, registry_url_env: str) -> None:
         """Validate a registered source: reachable, credential (read-only where it can tell), mapping against
         the real columns, one page read and normalized — every problem named. Exit 1 when it is not usable."""
         from pipeline.sources.store import SourceNotFound
         from pipeline.sources.sync import test_source
 
         _quiet_logs()
-        store = _store(state_dir)
+        store = _store(state_dir, registry_url_env)
         try:
             checks = asyncio.run(test_source(store, name))
         except SourceNotFound as exc:
@@ -221,7 +229,7 @@ def register(main: click.Group) -> None:
     @_destination_options
     @_state_dir_option
     def sync_cmd(name: str, as_json: bool, kafka_bootstrap_servers, upload, endpoint, token_env,
-                 state_dir: Path) -> None:
+                 state_dir: Path, registry_url_env: str) -> None:
         """Pull a registered source once, from its stored cursor, into the loop (or --upload).
 
         Imports every new or changed trace (a trace updated after import becomes a new envelope version),
@@ -234,7 +242,7 @@ def register(main: click.Group) -> None:
         from sinks.base import SinkUnavailable
 
         _quiet_logs()
-        store = _store(state_dir)
+        store = _store(state_dir, registry_url_env)
 
         async def run():
             async with open_destination(state_dir, kafka_bootstrap_servers, upload, endpoint, token_env) as dest:
@@ -261,7 +269,7 @@ def register(main: click.Group) -> None:
     @_destination_options
     @_state_dir_option
     def watch_cmd(name: str, interval_s, kafka_bootstrap_servers, upload, endpoint, token_env,
-                  state_dir: Path) -> None:
+                  state_dir: Path, registry_url_env: str) -> None:
         """Keep pulling a registered source every --interval-s until SIGTERM / Ctrl-C.
 
         Each pull is a `sync`. Killed at any point, a restart re-reads at most the page it was in and
@@ -275,7 +283,7 @@ def register(main: click.Group) -> None:
         from trace_source.logging import configure
 
         configure("info", "json")
-        store = _store(state_dir)
+        store = _store(state_dir, registry_url_env)
 
         async def run():
             stop = asyncio.Event()
@@ -299,7 +307,7 @@ def register(main: click.Group) -> None:
 def _add_connect(group: click.Group, provider: str, model) -> None:
     from trace_source.cli import _option_for
 
-    def command(name: str, state_dir: Path, **flags) -> None:
+    def command(name: str, state_dir: Path, registry_url_env: str, **flags) -> None:
         from pydantic import ValidationError
 
         given = {k: v for k, v in flags.items() if v is not None and v != ()}
@@ -307,12 +315,12 @@ def _add_connect(group: click.Group, provider: str, model) -> None:
             config = model(**given)
         except (ValidationError, ValueError) as exc:
             raise click.UsageError(f"invalid {provider} source:\n{exc}") from None
-        store = _store(state_dir)
+        store = _store(state_dir, registry_url_env)
         try:
             new = store.register(name, provider, config.model_dump(mode="json"))
         finally:
             store.close()
-        click.echo(f"{'registered' if new else 'updated'} {provider} source {name!r} in {state_dir / 'sources.db'}; "
+        click.echo(f"{'registered' if new else 'updated'} {provider} source {name!r} in {store.path}; "
                    f"next: trace-source test {name}")
 
     command.__click_params__ = []

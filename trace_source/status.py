@@ -38,10 +38,10 @@ _PHASE_LABEL = {"import": "imported", "grade": "graded", "seed": "seeded", "repr
 
 def load_sources(settings: LoopSettings) -> list[dict]:
     """Every registered source with its state (``<state_dir>/sources.db``; none when there is no registry)."""
-    from pipeline.sources.store import SourceStore
+    from pipeline.sources.store import open_source_store
 
     try:
-        store = SourceStore(settings.state_dir, create=False)
+        store = open_source_store(settings.state_dir, settings.database_url(), create=False)
     except FileNotFoundError:
         return []
     try:
@@ -126,9 +126,9 @@ def render_source(settings: LoopSettings, name: str, *, as_json: bool) -> str | 
     source = next((s for s in load_sources(settings) if s["name"] == name), None)
     if source is None:
         return None
-    from pipeline.sources.store import SourceStore
+    from pipeline.sources.store import open_source_store
 
-    store = SourceStore(settings.state_dir, create=False)
+    store = open_source_store(settings.state_dir, settings.database_url(), create=False)
     try:
         rejected = store.rejected(name)
     finally:

@@ -1,5 +1,7 @@
-"""The source registry and each source's state: ``<state_dir>/sources.db`` (SQLite, WAL mode), shared by the CLI
-commands (``connect``, ``test``, ``sync``, ``watch``, ``import``, ``status``) and ``autoloop``.
+"""The source registry and each source's state, shared by the CLI commands (``connect``, ``test``, ``sync``,
+``watch``, ``import``, ``status``) and ``autoloop``: ``<state_dir>/sources.db`` (SQLite, WAL mode) in the embedded
+shape, or the same tables in the cluster's Postgres database (:class:`PostgresSourceStore`, component ``sources`` of
+``schema_migrations``) when a database URL is configured — :func:`open_source_store` picks.
 
 Tables:
 
@@ -113,16 +115,15 @@ class SourceStore:
 
     def register(self, name: str, provider: str, config: dict[str, Any]) -> bool:
         """Register (or re-register with a new configuration, keeping the state) ``name``; True when new."""
-        with self._lock:
-            existed = self._conn.execute("SELECT 1 FROM sources WHERE name = ?", (name,)).fetchone() is not None
-            self._conn.execute(
-                "INSERT INTO sources (name, provider, config, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO "
-                "UPDATE SET provider = excluded.provider, config = excluded.config",
-                (name, provider, json.dumps(config, sort_keys=True), utc_now()))
-            self._conn.execute("INSERT OR IGNORE INTO source_state (name) VALUES (?)", (name,))
-            if existed:  # a changed configuration must be tested again
-                self._conn.execute("UPDATE source_state SET validation_ok = NULL, problems = NULL, validated_at = "
-                                   "NULL WHERE name = ?", (name,))
+        existed = bool(self._exec("SELECT 1 FROM sources WHERE name = ?", (name,)))
+        # The state row first: a source is never visible without one to count into.
+        self._exec("INSERT INTO source_state (name) VALUES (?) ON CONFLICT (name) DO NOTHING", (name,))
+        self._exec("INSERT INTO sources (name, provider, config, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (name) "
+                   "DO UPDATE SET provider = excluded.provider, config = excluded.config",
+                   (name, provider, json.dumps(config, sort_keys=True), utc_now()))
+        if existed:  # a changed configuration must be tested again
+            self._exec("UPDATE source_state SET validation_ok = NULL, problems = NULL, validated_at = NULL "
+                       "WHERE name = ?", (name,))
         return not existed
 
     def get(self, name: str) -> SourceRecord:
@@ -189,3 +190,59 @@ def _record(r: tuple) -> SourceRecord:
                         validation_ok=None if r[6] is None else bool(r[6]), problems=json.loads(r[7]) if r[7] else [],
                         last_sync_at=r[8], last_imported=r[9] or 0, last_rejected=r[10] or 0,
                         imported_total=r[11] or 0, rejected_total=r[12] or 0, last_error=r[13], blocked=bool(r[14]))
+
+
+class PostgresSourceStore(SourceStore):
+    """The registry in the cluster's Postgres database (tables ``sources``, ``source_state``, ``imported``,
+    ``rejected``), so every worker and operator sees the same sources and cursors. The schema is created once under
+    the shared migration lock and recorded as component ``sources`` in ``schema_migrations``. Raises
+    :class:`SourceStoreError` (host and reason, never the password) when the database cannot be used."""
+
+    component = "sources"
+
+    def __init__(self, database_url: str) -> None:
+        import psycopg
+
+        from pipeline.postgres_store import _MIGRATIONS_TABLE, MIGRATION_LOCK, describe_url
+
+        self.path = describe_url(database_url)
+        self._lock = threading.Lock()
+        try:
+            self._conn = psycopg.connect(database_url, autocommit=True, connect_timeout=10)
+            with self._conn.transaction():
+                self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                self._conn.execute(_MIGRATIONS_TABLE)
+                (version,) = self._conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations WHERE "
+                                                "component = %s", (self.component,)).fetchone()
+                if version > 1:
+                    raise SourceStoreError(f"{self.path} has sources schema version {version}; this trace-source "
+                                           "knows 1 (upgrade trace-source)")
+                if version == 0:
+                    self._conn.execute(_SCHEMA)  # portable SQL: TEXT and INTEGER columns
+                    self._conn.execute("INSERT INTO schema_migrations (component, version) VALUES (%s, 1)",
+                                       (self.component,))
+        except psycopg.Error as exc:
+            raise SourceStoreError(f"cannot use the source registry in Postgres at {self.path}: "
+                                   f"{' '.join(str(exc).split())}") from None
+
+    def _exec(self, sql: str, params: tuple = ()) -> list[tuple]:
+        import psycopg
+
+        try:
+            with self._lock:
+                cur = self._conn.execute(sql.replace("?", "%s"), params)
+                return cur.fetchall() if cur.description else []
+        except psycopg.Error as exc:
+            raise SourceStoreError(f"source registry in Postgres at {self.path}: {' '.join(str(exc).split())}") \
+                from None
+
+
+class SourceStoreError(Exception):
+    """The registry's database cannot be used."""
+
+
+def open_source_store(state_dir: str | Path, database_url: str | None = None, *, create: bool = True) -> SourceStore:
+    """The Postgres registry for a database URL, else ``<state_dir>/sources.db``."""
+    if database_url:
+        return PostgresSourceStore(database_url)
+    return SourceStore(state_dir, create=create)
