@@ -139,3 +139,24 @@ def test_imported_runs_are_graded_by_the_loop(tmp_path: Path) -> None:
     imports = phase_events(state, "import")
     assert len(imports) == 2 and {e.run.trigger for e in imports} == {"import"}
     assert {e.run.source.model_dump()["kind"] for e in imports} == {"file"}
+
+
+def test_registered_files_source_and_a_push_source_that_is_not_watched(tmp_path: Path) -> None:
+    d = tmp_path / "in"
+    js = js_otlp_files(d, [{"fail": True}], "jsonl")
+    state = tmp_path / "state"
+    assert cli("connect", "files", "--name", "exports", "--path", str(d), "--settle-s", "0",
+               "--state-dir", str(state)).returncode == 0
+    assert cli("test", "exports", "--state-dir", str(state)).returncode == 0
+    synced = json.loads(cli("sync", "exports", "--json", "--state-dir", str(state)).stdout)
+    assert [(t["trace_id"], t["status"], t["source"]["id"]) for t in synced["traces"]] == [
+        (js["traces"][0], "imported", "exports")]
+    assert json.loads(cli("sync", "exports", "--json", "--state-dir", str(state)).stdout)["traces"] == []
+
+    assert cli("connect", "otlp", "--name", "prod-agents", "--state-dir", str(state)).returncode == 0
+    for command in ("watch", "sync"):
+        refused = cli(command, "prod-agents", "--state-dir", str(state))
+        assert refused.returncode == 1 and "push source" in refused.stderr and "trace-source serve" in refused.stderr
+    listed = {s["name"]: s for s in json.loads(cli("status", "--json", "--state-dir", str(state)).stdout)["sources"]}
+    assert listed["prod-agents"]["provider"] == "otlp" and listed["exports"]["imported_total"] == 1
+    assert listed["exports"]["validation"] == "valid"

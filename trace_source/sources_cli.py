@@ -236,6 +236,7 @@ def register(main: click.Group) -> None:
         records rejected items, moves the cursor page by page. A source that cannot be read is marked
         blocked with the error (exit 1); `trace-source status` shows it.
         """
+        from pipeline.sources.readers import SourceError
         from pipeline.sources.store import SourceNotFound
         from pipeline.sources.sync import sync_once
         from pipeline.sources.upload import UploadError
@@ -250,7 +251,7 @@ def register(main: click.Group) -> None:
 
         try:
             result, where = asyncio.run(run())
-        except SourceNotFound as exc:
+        except (SourceNotFound, SourceError) as exc:
             raise click.ClickException(str(exc).strip("'\"")) from None
         except (UploadError, SinkUnavailable) as exc:
             raise click.ClickException(f"{name}: {exc}") from None
@@ -284,6 +285,16 @@ def register(main: click.Group) -> None:
 
         configure("info", "json")
         store = _store(state_dir, registry_url_env)
+        from pipeline.sources.sync import PUSH_PROVIDERS, push_error
+
+        try:
+            if store.get(name).provider in PUSH_PROVIDERS:
+                raise click.ClickException(str(push_error(name)))
+        except SourceNotFound as exc:
+            raise click.ClickException(str(exc).strip("'\"")) from None
+        except click.ClickException:
+            store.close()
+            raise
 
         async def run():
             stop = asyncio.Event()

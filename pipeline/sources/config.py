@@ -194,7 +194,12 @@ class LangfuseConfig(_Base):
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one API request.")
 
 
+class OtlpConfig(_Base):
+    """A push source: an agent exporting OTLP to `trace-source serve` (listed in `status`; nothing to pull — `serve`
+    is its continuous path, with a bearer token mapped to this name: --auth-tokens TOKEN=NAME)."""
+
+
 CONFIGS: dict[str, type[_Base]] = {"files": FilesConfig, "postgres": PostgresConfig, "supabase": SupabaseConfig,
-                                   "langfuse": LangfuseConfig}
+                                   "langfuse": LangfuseConfig, "otlp": OtlpConfig}
 #: Envelope ``source.kind`` per provider.
-KINDS = {"files": "file", "postgres": "postgres", "supabase": "supabase", "langfuse": "langfuse"}
+KINDS = {"files": "file", "postgres": "postgres", "supabase": "supabase", "langfuse": "langfuse", "otlp": "otlp-http"}

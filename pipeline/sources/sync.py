@@ -26,10 +26,17 @@ from sinks.base import SinkUnavailable
 log = structlog.get_logger("trace_source.sources")
 
 #: Providers whose traces are pushed, not pulled: `watch` refuses them and says what to run instead.
-PUSH_PROVIDERS = {"otlp", "otlp-http", "otlp-grpc", "http"}
+PUSH_PROVIDERS = {"otlp"}
+
+
+def push_error(name: str) -> SourceError:
+    return SourceError("push source", f"{name} is a push source: agents export OTLP to `trace-source serve` (its "
+                       f"continuous path, with a bearer token mapped to {name!r}); there is nothing to pull or watch")
 
 
 def build_reader(record: SourceRecord) -> Reader:
+    if record.provider in PUSH_PROVIDERS:
+        raise push_error(record.name)
     config = CONFIGS[record.provider].model_validate(record.config)
     if record.provider == "files":
         return FilesReader(config)
@@ -67,6 +74,8 @@ async def sync_once(store: SourceStore, name: str, destination: Destination, *, 
     that fails (``SinkUnavailable``, ``UploadError``) stops the sync with the cursor at the last full page and is
     re-raised after the state is recorded."""
     record = store.get(name)
+    if record.provider in PUSH_PROVIDERS:
+        raise push_error(name)
     out = SyncResult(name)
     config = CONFIGS[record.provider].model_validate(record.config)
     importer = Importer(store, Source(id=name, kind=KINDS[record.provider]), destination, trigger=trigger,
@@ -107,7 +116,7 @@ async def watch(store: SourceStore, name: str, destination: Destination, stop: a
     the next interval; a destination failure too."""
     record = store.get(name)
     if record.provider in PUSH_PROVIDERS:
-        raise SourceError("push", f"{name} is a push source: its continuous path is `trace-source serve`")
+        raise push_error(name)
     interval = interval_s or CONFIGS[record.provider].model_validate(record.config).interval_s
     while not stop.is_set():
         try:
@@ -126,6 +135,10 @@ async def test_source(store: SourceStore, name: str) -> list[Check]:
     """Validate ``name``: reachable, credential (read-only where the provider can tell), mapping against the real
     columns, one page read and normalized. Stores the verdict in the registry."""
     record = store.get(name)
+    if record.provider in PUSH_PROVIDERS:
+        checks = [Check("push source", True, f"agents export OTLP to `trace-source serve`; nothing to pull")]
+        store.set_validation(name, True, [])
+        return checks
     try:
         checks = await build_reader(record).check()
     except SecretError as exc:
