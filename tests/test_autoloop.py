@@ -109,3 +109,16 @@ def test_autoloop_imports_files_once_and_reproduces_with_the_harness(tmp_path: P
     assert [e.status for e in phase_events(state, "grade", passing)] == ["passed"]
     assert not phase_events(state, "seed", passing)
     assert len(phase_events(state, "import", trace)) == 1
+
+
+def test_a_plain_directory_repository_is_copied_without_its_state_dir(tmp_path: Path) -> None:
+    from pipeline.repository import Repository
+
+    repo = tmp_path / "agent"
+    (repo / "trace-source").mkdir(parents=True)
+    (repo / "trace-source" / "harness.json").write_text("{}")
+    state = repo / ".trace-source"
+    (state / "work").mkdir(parents=True)
+    (state / "runs.jsonl").write_text("")
+    copy = Repository(repo, state).working_copy(state / "work" / "attempt-1", None)
+    assert (copy / "trace-source" / "harness.json").exists() and not (copy / ".trace-source").exists()
