@@ -84,8 +84,8 @@ _SELECT = (
     'SELECT "offset", topic, key, value, signal, source_id, received_at_ns, content_type, transport, headers'
     ' FROM records'
 )
-_APPEND = ("INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type, transport, headers)"
-           " VALUES (?, ?, ?, '', ?, ?, ?, '', ?)")
+_APPEND = ("INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type, transport,"
+           " headers) VALUES (?, ?, ?, '', ?, ?, ?, '', ?)")
 #: Upgrades from the version in the key to the next one.
 _MIGRATIONS = {
     1: "ALTER TABLE records ADD COLUMN headers TEXT",

@@ -3,8 +3,8 @@ production runs' traces are dropped into the watched directory as files — a fa
 run as the OTLP protobuf its exporter sent (length-prefixed, as the Collector's file exporter writes `format:
 proto`); the loop (in the background, repo-local state) imports each once, grades the failure, seeds it and
 reproduces it with the repository's own harness, whose attempts export their traces to the loop's own receiver and
-are graded too; the passing run is graded passed and never reproduced; `--check` validates the setup; `status` shows the loop;
-`detach` stops it. The model is the example's local fake (a paid LLM provider cannot run here)."""
+are graded too; the passing run is graded passed and never reproduced; `--check` validates the setup; `status`
+shows the loop; `detach` stops it. The model is the example's local fake (a paid LLM provider cannot run here)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from assembler_support import wait_for
-from example_repo import FAILING_TASK, PASSING_TASK, fake_model, make_repository, production_run, reproduced, runs_of, worker_env
+from example_repo import (FAILING_TASK, PASSING_TASK, fake_model, make_repository, production_run, reproduced,
+                          runs_of, worker_env)
 from loop_support import phase_events, wait_envelope
 from pipeline.sources.autoloop import process_alive, registered
 from pipeline.sources.files import file_state

@@ -1,5 +1,5 @@
-"""Pulled and uploaded runs in the cluster shape, on a real Kafka broker: `trace-source import --kafka-bootstrap-servers`
-puts each envelope on `trace-source.traces` (key = trace id, headers idempotency-key and trace-source-trigger), and a
+"""Pulled and uploaded runs in the cluster shape, on a real Kafka broker: `trace-source import
+--kafka-bootstrap-servers` puts each envelope on `trace-source.traces` (key = trace id, headers idempotency-key and trace-source-trigger), and a
 Kafka-backed `serve` takes `POST /v1/envelopes` onto the same topic, answering a repeated key with the original
 result."""
 

@@ -72,8 +72,8 @@ def _cursor_text(cursor) -> str:
 def render_sources(sources: list[dict], autoloops: list[dict]) -> list[str]:
     lines: list[str] = []
     if sources:
-        lines += ["", "Sources", f"  {'NAME':18}  {'PROVIDER':9}  {'VALIDATION':10}  {'STATUS':7}  {'LAST SYNC (UTC)':19}  "
-                  f"{'IMPORTED':>8}  {'REJECTED':>8}  CURSOR"]
+        lines += ["", "Sources", f"  {'NAME':18}  {'PROVIDER':9}  {'VALIDATION':10}  {'STATUS':7}  "
+                  f"{'LAST SYNC (UTC)':19}  {'IMPORTED':>8}  {'REJECTED':>8}  CURSOR"]
         for src in sources:
             lines.append(f"  {_cut(src['name'], 18):18}  {src['provider']:9}  {src['validation']:10}  "
                          f"{src['status']:7}  {(src['last_sync_at'] or '-')[:19]:19}  {src['imported_total']:>8}  "

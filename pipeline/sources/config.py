@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _REPOSITORY = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$"
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$"
 
 
@@ -93,7 +94,7 @@ class PostgresConfig(_Base):
     database_url_secret_ref: str | None = Field(None, description=(
         "Instead of --database-url-env: a secret reference, env:VARIABLE or file:/path (e.g. a mounted "
         "Kubernetes Secret). A plaintext URL or password is refused."))
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(None, description=(
+    sslmode: SslMode | None = Field(None, description=(
         "libpq sslmode added to the URL when it has none (Supabase: require)."))
     db_schema: str = Field("public", pattern=r"^[A-Za-z_][A-Za-z0-9_$]*$", description="Schema of both tables.")
     trace_table: str = Field("ai_traces", pattern=_IDENT, description="The trace table (one row per agent run).")
@@ -173,8 +174,7 @@ class SupabaseConfig(PostgresConfig):
         "Name of the environment variable holding the Supabase connection string (the pooler URL from the "
         "project's Connect dialog, postgresql://postgres.<ref>:<password>@<region>.pooler.supabase.com:6543/"
         "postgres). Use a read-only role: `test` reports one that can write."))
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
-        "require", description="libpq sslmode added to the URL when it has none.")
+    sslmode: SslMode | None = Field("require", description="libpq sslmode added to the URL when it has none.")
 
 
 class LangfuseConfig(_Base):

@@ -102,8 +102,8 @@ class UploadDestination:
 @dataclass
 class Imported:
     """What happened to one trace: ``status`` ``imported`` (new on the topic), ``unchanged`` (this content was
-    imported before), ``duplicate`` (the destination had the key already), ``new`` (``--preview``: would be imported), or
-    ``rejected`` with ``reason``."""
+    imported before), ``duplicate`` (the destination had the key already), ``new`` (``--preview``: would be
+    imported), or ``rejected`` with ``reason``."""
 
     trace_id: str
     item: str

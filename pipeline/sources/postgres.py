@@ -6,8 +6,8 @@ inside a run of equal timestamps therefore loses and repeats nothing, and a cras
 ``cursor_mode updated_at_id`` a trace whose ``updated_at`` moved past the cursor is read again; its envelope is a new
 version when its spans changed (the importer compares idempotency keys).
 
-Every query runs in a read-only transaction (the session's ``default_transaction_read_only``) whatever the role may do, with
-identifiers quoted by ``psycopg.sql``; filter values are query parameters. The cursor is stored as JSON:
+Every query runs in a read-only transaction (the session's ``default_transaction_read_only``) whatever the role may
+do, with identifiers quoted by ``psycopg.sql``; filter values are query parameters. The cursor is stored as JSON:
 ``{"mode": "updated_at_id", "value": <ISO time | number | text>, "type": "timestamp"|"number"|"text", "id": "<id>"}``.
 """
 

@@ -136,7 +136,7 @@ async def test_source(store: SourceStore, name: str) -> list[Check]:
     columns, one page read and normalized. Stores the verdict in the registry."""
     record = store.get(name)
     if record.provider in PUSH_PROVIDERS:
-        checks = [Check("push source", True, f"agents export OTLP to `trace-source serve`; nothing to pull")]
+        checks = [Check("push source", True, "agents export OTLP to `trace-source serve`; nothing to pull")]
         store.set_validation(name, True, [])
         return checks
     try:
