@@ -39,6 +39,8 @@ def _option_for(name: str, field, env: str | None = None) -> click.Option:
     base = annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         base = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(base) is typing.Literal:  # Optional[Literal[...]]
+        return click.Option([flag, name], type=click.Choice(typing.get_args(base)), default=None, help=help_text)
     ptype = {int: int, float: float, Path: click.Path(path_type=Path)}.get(base, str)
     return click.Option([flag, name], type=ptype, default=None, help=help_text)
 
