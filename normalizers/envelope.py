@@ -43,8 +43,10 @@ _KEY = r"^[0-9a-f]{64}$"
 # "owner/name", or deeper paths for hosts with groups ("group/subgroup/name"); no scheme, host or ".git".
 _REPOSITORY = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$"
 _REPOSITORY_RE = re.compile(_REPOSITORY)
-# https://host/owner/name(.git), ssh://git@host/owner/name.git, git@host:owner/name.git
-_REPO_URL_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*://)?(?:[^@/\s]+@)?[^/:\s]+[:/](?P<path>[^\s?#]+?)(?:\.git)?/?$")
+# https://host[:port]/owner/name(.git), ssh://git@host[:port]/owner/name.git, git@host:owner/name.git, host/owner/name;
+# with a scheme the authority (with its port) ends at the first "/", without one a ":" ends the host (scp syntax).
+_REPO_URL_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*://(?:[^@/\s]+@)?[^/\s]+/|(?:[^@/\s]+@)?[^/:\s]+[:/])"
+                          r"(?P<path>[^\s?#]+?)(?:\.git)?/?$")
 
 
 class IdempotencyKeyMismatch(ValueError):

@@ -127,6 +127,7 @@ class GiteaServer:
         self.admin = ADMIN
         self._proc: subprocess.Popen | None = None
         self._log = None
+        self._secrets = (secrets.token_hex(32), secrets.token_hex(32))  # SECRET_KEY, INTERNAL_TOKEN
 
     @property
     def base_url(self) -> str:
@@ -179,8 +180,8 @@ WORK_IN_PROGRESS_PREFIXES = WIP:,[WIP]
 
 [security]
 INSTALL_LOCK = true
-SECRET_KEY = {secrets.token_hex(32)}
-INTERNAL_TOKEN = {secrets.token_hex(32)}
+SECRET_KEY = {self._secrets[0]}
+INTERNAL_TOKEN = {self._secrets[1]}
 
 [service]
 DISABLE_REGISTRATION = true
@@ -221,6 +222,15 @@ ROOT_PATH = {w}/log
                   "--admin", "--random-password", "--must-change-password=false")
         self.token = self._cli("admin", "user", "generate-access-token", "--username", self.admin,
                                "--token-name", "tests", "--scopes", "all", "--raw").strip().splitlines()[-1]
+        for _ in range(3):  # another process may take the free port before Gitea binds it: then take another
+            if self._serve():
+                return self
+            self.port = _free_ports(1)[0]
+            self._write_config()
+        raise GiteaError(f"Gitea could not bind a free port: {self.log_tail()}")
+
+    def _serve(self) -> bool:
+        """Start ``gitea web`` and wait until its API answers; False when the port was taken meanwhile."""
         self._log = open(self.workdir / "web.out", "wb")
         self._proc = subprocess.Popen([str(self.binary), "--config", str(self.config), "--work-path",
                                        str(self.workdir), "web"], cwd=self.workdir, stdout=self._log,
@@ -230,16 +240,20 @@ ROOT_PATH = {w}/log
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise GiteaError(f"Gitea exited {self._proc.returncode} while starting: {self.log_tail()}")
+                tail = self.log_tail()
+                self._log.close()
+                if "address already in use" in tail:
+                    return False
+                raise GiteaError(f"Gitea exited {self._proc.returncode} while starting: {tail}")
             try:
-                status, version = self.api("GET", "/version")
-                if status == 200:
-                    return self
+                if self.api("GET", "/version")[0] == 200:
+                    return True
             except OSError:
                 pass
             time.sleep(0.2)
+        tail = self.log_tail()
         self.stop()
-        raise GiteaError(f"Gitea did not answer on {self.api_url} within {START_TIMEOUT_S:.0f} s: {self.log_tail()}")
+        raise GiteaError(f"Gitea did not answer on {self.api_url} within {START_TIMEOUT_S:.0f} s: {tail}")
 
     def log_tail(self, lines: int = 30) -> str:
         text = ""

@@ -1271,10 +1271,9 @@ def test_many_tiny_messages_do_not_stall_other_requests(fresh: Server) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         attacking = pool.submit(send_attack)
-        time.sleep(0.5)  # decoded and being split by now (the split alone takes seconds)
-        t0 = time.monotonic()
+        time.sleep(0.5)  # being decompressed / checked by now
         resp = fresh.post(VALID_PB)
-        latency = time.monotonic() - t0
-        assert attacking.result() in (200, 400, 413)
+        # What keeps it from stalling others (no timing is asserted on a shared machine): the body is refused as
+        # denser than its size allows, before any message of it is decoded or split.
+        assert attacking.result() == 400
     check_partial(export_response(resp, PROTOBUF), 0)
-    assert latency < 1.0, f"a valid request waited {latency:.1f}s behind one 4 KiB request"

@@ -12,7 +12,8 @@ two turns of the same task, "What's the weather in Paris?":
 The test then reads what landed, builds the agent-run view of each trace and checks: the dialect detected; task input
 and final answer; both LLM calls with model and the fake server's token counts; the tool call with its name, call id,
 arguments and result; and on the error run, the failed LLM call with an error on its span id (fatal on the run's root
-when the dialect has a recognized root span).
+when the dialect has a recognized root span). The grading rules (docs/grading.md) must pass every ``ok`` envelope and
+grade every ``error`` envelope ``failed`` / ``provider_error``.
 
 Dialects and the packages producing them (pinned in pyproject's ``test`` extra / ``tests/interop/js``):
 
@@ -61,6 +62,8 @@ from normalizers.canonical import (
     spans_from_traces_data,
 )
 from agent_process import run_agent_script
+from normalizers.envelope import Envelope
+from pipeline.grading.rules import grade_envelope
 from serve_proc import ServeProcess
 from sinks.local_log import LOG_FILENAME, LocalLogReader
 
@@ -188,6 +191,7 @@ class Landed:
     spans: list[CanonicalSpan]
     log_events: list[CanonicalLogEvent]
     run: AgentRun
+    envelope: Envelope | None = None  # in "envelope" mode
 
 
 def _read_records(state_dir: Path, trace_id: str) -> tuple[list[CanonicalSpan], list[CanonicalLogEvent]]:
@@ -218,8 +222,6 @@ def _from_records(state_dir: Path, trace_id: str, span_ids: set[str], logs: bool
 
 
 def _from_envelope(state_dir: Path, trace_id: str, span_ids: set[str], logs: bool) -> Landed | None:
-    from normalizers.envelope import Envelope
-
     path = state_dir / "traces" / f"{trace_id}.json"
     try:
         envelope = Envelope.from_json_bytes(path.read_bytes())
@@ -227,7 +229,7 @@ def _from_envelope(state_dir: Path, trace_id: str, span_ids: set[str], logs: boo
         return None
     if not span_ids <= {s.span_id for s in envelope.spans} or (logs and not envelope.log_events):
         return None
-    return Landed(envelope.spans, envelope.log_events, envelope.agent_run)
+    return Landed(envelope.spans, envelope.log_events, envelope.agent_run, envelope)
 
 
 def landed_run(serve: ServeProcess, trace_id: str, span_ids: set[str], logs: bool) -> Landed:
@@ -447,6 +449,11 @@ def test_ok_run(d: Dialect, run_agent: Any, serve: ServeProcess, fake: FakeLLM) 
 
     assert not run.errors, where
 
+    # The grader passes the run (docs/grading.md); in "records" mode there is no envelope to grade.
+    if landed.envelope is not None:
+        grade = grade_envelope(landed.envelope)
+        assert (grade.verdict, grade.category) == ("passed", "none"), grade.model_dump_json(indent=1)
+
 
 @pytest.mark.parametrize("d", DIALECTS, ids=lambda d: d.key)
 def test_error_run(d: Dialect, run_agent: Any, serve: ServeProcess, fake: FakeLLM) -> None:
@@ -484,6 +491,13 @@ def test_error_run(d: Dialect, run_agent: Any, serve: ServeProcess, fake: FakeLL
         fatal = [e for e in run.errors if e.fatal]
         assert fatal and {e.span_id for e in fatal} == {root.span_id}, where
         assert not [e for e in run.errors if e.fatal and e.span_id == failed.span_id], where
+
+    # The grader blames the provider (HTTP 500), quoting the failed call, and does not ask to reproduce it.
+    if landed.envelope is not None:
+        grade = grade_envelope(landed.envelope)
+        assert (grade.verdict, grade.category, grade.reproduce) == ("failed", "provider_error", False), \
+            grade.model_dump_json(indent=1)
+        assert failed.span_id in {e.span_id for e in grade.evidence}
 
 
 def test_fake_llm_streams_and_fails() -> None:

@@ -243,6 +243,10 @@ def test_malformed_json_is_a_validation_error():
     (None, {"vcs.repository.url.full": "https://github.com/acme/agent.git/"}, "acme/agent"),
     (None, {"vcs.repository.url.full": "git@github.com:acme/agent.git"}, "acme/agent"),
     (None, {"vcs.repository.url.full": "ssh://git@gitlab.example.com/group/sub/agent.git"}, "group/sub/agent"),
+    # A port is part of the host, not of the path (self-hosted forges often listen on one).
+    (None, {"vcs.repository.url.full": "http://127.0.0.1:3000/acme/agent.git"}, "acme/agent"),
+    (None, {"vcs.repository.url.full": "ssh://git@git.example.com:2222/acme/agent.git"}, "acme/agent"),
+    (None, {"vcs.repository.url.full": "https://user:pw@git.example.com:8443/acme/agent"}, "acme/agent"),
     (None, {"vcs.owner.name": "acme", "vcs.repository.name": "agent"}, "acme/agent"),
     (None, {"vcs.repository.url.full": "https://github.com/"}, None),
     (None, {"vcs.repository.url.full": 42}, None),

@@ -2,7 +2,7 @@
 service, hence a fake; its ``judge-*`` models answer by a documented rule) and with a judge command
 (``tests/judge_command.py``): a structured verdict is parsed and stored with its usage; a timeout, a malformed answer,
 HTTP 500, an unreachable endpoint, a command that prints garbage or exits non-zero leave the rules' verdict with the
-reason."""
+reason; and the grade stage inside ``serve`` stores the judge's verdict, or the rules' with the reason."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from pipeline.grading.judge import (
 from pipeline.grading.model import Grade
 from pipeline.grading.rules import grade_envelope
 from pipeline.loop_settings import LoopSettings
+from loop_support import poll
+from serve_proc import ServeProcess
 from grading_support import ANSWER, OK_RUN, chat, envelope, grade, root, sid, tool
 
 COMMAND = f"{sys.executable} {Path(__file__).with_name('judge_command.py')}"
@@ -179,3 +181,38 @@ def test_build_judge_from_settings(monkeypatch):
     assert isinstance(build_judge(LoopSettings(judge_command="judge", judge_model="gpt-x",
                                                judge_base_url="http://h/v1")), CommandJudge)
     assert build_judge(LoopSettings()) is None
+
+
+def emit_plain_span(otlp_url: str) -> str:
+    """One ``GET /health`` span (no agent convention: the rules say inconclusive) through the real OTel SDK."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{otlp_url}/v1/traces", timeout=30)))
+    with provider.get_tracer("judge-test").start_as_current_span("GET /health") as span:
+        trace_id = f"{span.get_span_context().trace_id:032x}"
+    provider.shutdown()
+    return trace_id
+
+
+@pytest.mark.parametrize("model, timeout_s, verdict, decided_by, status", [
+    ("judge-failed", 30, "failed", "judge", "used"),
+    ("judge-slow", 0.5, "inconclusive", "rules", "unavailable"),
+])
+def test_the_grade_stage_stores_the_judges_verdict(tmp_path, llm, model, timeout_s, verdict, decided_by, status):
+    state = tmp_path / "state"
+    with ServeProcess(state, "--execution-policy", "grade", "--judge-model", model, "--judge-base-url",
+                      llm.base_url, "--judge-api-key-env", "E2E_JUDGE_KEY", "--judge-timeout-s", str(timeout_s),
+                      env={"TRACE_SOURCE_ASSEMBLER_QUIET_PERIOD_S": "0.5", "E2E_JUDGE_KEY": "sk-e2e"}) as serve:
+        trace_id = emit_plain_span(serve.http_url)
+        path = state / "grades" / trace_id / "grade.json"
+        g = poll(lambda: Grade.model_validate_json(path.read_bytes()), f"grade of {trace_id}", serve)
+    assert (g.verdict, g.decided_by, g.judge.status) == (verdict, decided_by, status)
+    assert g.judge.judge == f"{model} at {llm.base_url}"
+    if status == "used":
+        assert g.judge.usage.total_tokens == sum(fake_llm.JUDGE_USAGE)
+        assert llm.seen(model=model)[-1].authorization == "Bearer sk-e2e"  # the key from the named variable
+    else:
+        assert "no answer within 0.5s" in g.judge.reason

@@ -187,8 +187,10 @@ def test_content_filter_finish_reason_is_gave_up():
 
 
 def test_words_that_only_look_like_a_refusal_pass():
+    caveat = ANSWER + " The refund of $42.50 reaches the card in 3-5 days; it shows as 'ACME RETURNS'. " * 3 + \
+        "I cannot help with orders of other shops."
     for text in ("I can't wait for your next order!", "You can't go wrong with a refund: done, A-1002 is refunded.",
-                 "I was able to complete the refund."):
+                 "I was able to complete the refund.", caveat):
         assert_passed(grade([root(answer=text, status="OK"), chat(2, answer=text)]))
 
 
@@ -200,6 +202,12 @@ def test_llm_5xx_that_killed_the_run_is_provider_error_not_reproduced():
                chat(2, status="ERROR", exc=("openai.InternalServerError", "Error code: 500 - overloaded"))])
     assert_failed(g, "provider_error", error_type="openai.InternalServerError")
     assert g.reproduce is False and g.evidence[0].span_id == sid(2)
+
+
+def test_a_rate_limit_that_killed_the_run_is_not_a_turn_limit():
+    exc = ("RateLimitError", "Error code: 429 - request limit reached for this organization")
+    g = grade([root(answer=None, status="ERROR", exc=exc), chat(2, status="ERROR", exc=exc)])
+    assert_failed(g, "provider_error", error_type="RateLimitError")
 
 
 def test_rate_limit_and_auth_are_provider_errors():

@@ -5,6 +5,7 @@ running attempt the next worker adopts instead of starting it again."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -133,3 +134,29 @@ async def test_a_reused_pid_is_not_mistaken_for_the_attempt(tmp_path):
     res = await run_once([PY, "-c", f"open({str(marker)!r}, 'a').write('x\\n')"], cwd=tmp_path, env=env(),
                          timeout_s=30, directory=d)
     assert not res.adopted and res.exit_code == 0 and count(marker) == 1
+
+
+async def test_a_secret_the_harness_prints_from_a_passed_variable_is_masked_in_what_is_kept(tmp_path, monkeypatch):
+    # The reproduce stage keeps the harness's stdout and stderr as artifacts; a value of a --pass-env variable (and
+    # anything a redaction rule recognizes) is masked before they are written.
+    from pipeline.contract import Harness
+    from pipeline.journal.jsonl import JsonlJournal
+    from pipeline.reproducer import Reproducer
+
+    secret = "s3cr3t-value-of-the-agents-api-key"
+    monkeypatch.setenv("AGENT_API_KEY", secret)
+    script = ("import json, os, sys; print(json.dumps({'answer': 'key is ' + os.environ['AGENT_API_KEY']})); "
+              "print('Authorization: Bearer abcdefghijklmnopqrstuvwxyz012345', file=sys.stderr)")
+    harness = Harness(command=(PY, "-c", script), env={}, timeout_s=30)
+
+    async def checkout(dest):
+        dest.mkdir(parents=True, exist_ok=True)
+
+    reproducer = Reproducer(JsonlJournal(tmp_path / "runs.jsonl"), otlp_endpoint="http://127.0.0.1:9",
+                            pass_env=["AGENT_API_KEY"], trace_wait_s=0.1)
+    result = await reproducer.run(harness=harness, checkout=checkout, work_dir=tmp_path / "work", attempts=1,
+                                  attempt_prefix="p", run_id="r" * 32, trace_id="t" * 32, task="task", original=None)
+    kept = json.dumps(result.stdout) + result.stderr
+    assert secret not in kept and "abcdefghijklmnopqrstuvwxyz012345" not in kept
+    assert result.stdout[0]["json"]["answer"] == "key is [REDACTED:pass-env]"
+    assert "[REDACTED:" in result.stderr

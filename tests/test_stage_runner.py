@@ -24,7 +24,7 @@ from pipeline.local_bus import LocalBusPublisher, LocalLogConsumer
 from pipeline.outputs import DeadLetters
 from pipeline.runner import StageRunner
 from pipeline.stage import (
-    HEADER_IDEMPOTENCY_KEY, HEADER_RUN, EventDraft, Identity, Outcome, PoisonInput, TransientError, WorkItem,
+    HEADER_IDEMPOTENCY_KEY, HEADER_RUN, EventDraft, Identity, Outcome, TransientError, WorkItem,
     identify_record)
 from sinks.local_log import LOG_FILENAME, LocalLogAppender, LocalLogReader
 

@@ -98,7 +98,8 @@ def classify(f: RunFacts) -> Finding:
 def limit_in_error(f: RunFacts) -> Finding | None:
     """The fatal error (or the root's status) names a turn/step/iteration limit -> ``turn_limit``."""
     for err in _run_errors(f):
-        if words := limit_hit(_error_text(err)):
+        # A provider's rate-limit message is not the agent's turn limit.
+        if (words := limit_hit(_error_text(err))) and not provider_failure(_error_text(err)):
             return Finding("failed", "turn_limit", f"The run stopped at a turn/step limit ({words!r}): "
                            f"{_short(_error_text(err))}.", (_ev_error(err), *_ev_loop(f)), error_type=err.type)
     return None

@@ -169,9 +169,15 @@ REFUSAL_FINISH_REASONS = frozenset({"content_filter", "content-filter", "refusal
 TRUNCATED_FINISH_REASONS = frozenset({"length", "max_tokens", "max_output_tokens"})
 
 
+#: A refusal opens the answer: only its first characters are searched, so a long, helpful answer with a caveat
+#: further on ("... I cannot help with anything else") is not taken for one.
+REFUSAL_WINDOW = 200
+
+
 def refusal(text: str | None) -> str | None:
-    """The words of an answer that refuse or give up on the task, or ``None``."""
-    return _words(_REFUSAL, text)
+    """The words in the first :data:`REFUSAL_WINDOW` characters of an answer that refuse or give up on the task,
+    or ``None``."""
+    return _words(_REFUSAL, text[:REFUSAL_WINDOW] if text else text)
 
 
 # Words an answer uses when it reports a failure honestly ("the weather service failed", "I couldn't reach ...").

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 from pipeline.ledger import (
     TERMINAL, Acquired, ClaimResult, Completion, Finished, Held, LeaseLost, LedgerError, LedgerRow, RowInfo,
@@ -237,7 +237,8 @@ class SqliteLedger:
 
     async def rows(self, *, trace_id: str | None = None, stage: str | None = None,
                    limit: int = 1000) -> list[LedgerRow]:
-        where, params = [], []  # type: list[str], list[Any]
+        where: list[str] = []
+        params: list = []
         if trace_id is not None:
             where.append("trace_id = ?")
             params.append(trace_id)

@@ -22,7 +22,6 @@ pull request, pushes a second branch or spends a second budget.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
@@ -31,8 +30,10 @@ from typing import Any
 
 import structlog
 
+from normalizers.envelope import repository_from
 from pipeline.artifacts import ArtifactStore
 from pipeline.bus import BusRecord
+from pipeline.forge import ForgeError, detect_forge, git_auth_env, make_forge, push_error
 from pipeline.fixing import (FixAttempt, commit_message, fix_prompt, pr_body, pr_title, status_document)
 from pipeline.grading.model import FailureSignature
 from pipeline.harness import run_once
@@ -58,16 +59,6 @@ class PublishBlocked(Exception):
     def __init__(self, reason: str, how: str) -> None:
         super().__init__(reason)
         self.how = how
-
-
-def git_auth_env(url: str, token: str | None) -> dict[str, str]:
-    """Environment that makes git send ``token`` to an HTTP(S) ``url`` (``http.extraHeader`` through
-    ``GIT_CONFIG_*`` variables, so the token is on no command line ``ps`` shows)."""
-    if not token or not url.startswith(("http://", "https://")):
-        return {}
-    basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
-    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader",
-            "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}"}
 
 
 class FixStage:
@@ -141,7 +132,7 @@ class FixStage:
             return await self._stop(item, base, "blocked", str(exc), [], context=context)
         branch = f"trace-source/fix-{item.stage_key[:12]}"
         prefix = f"{item.stage_key[:12]}-g{item.generation}"
-        work_dir = self.settings.work_root / "fix" / f"{trace_id}-{prefix}"
+        work_dir = self._work_dir(trace_id, item.stage_key, item.generation)
         scenario = (self.settings.artifact_root / manifest["scenario"]).read_text() if manifest.get("scenario") \
             else ""
         original = FailureSignature.model_validate(manifest["signature"]) if manifest.get("signature") else None
@@ -151,8 +142,13 @@ class FixStage:
                                 pass_env=self.settings.pass_env_names(), trace_wait_s=self.settings.trace_wait_s)
 
         attempts: list[FixAttempt] = []
-        proven: tuple[FixAttempt, Path] | None = None
-        for n in range(1, self.settings.max_fix_attempts + 1):
+        # A reprocess after a publishing blocker (no token, no remote, a refused push) publishes the fix already
+        # proven by an earlier pass under this stage key instead of spending the budget again.
+        proven = self._earlier_proof(trace_id, item)
+        reused = proven is not None
+        if proven is not None:
+            attempts = [proven[0]]
+        for n in range(1, self.settings.max_fix_attempts + 1 if not reused else 1):
             attempt, copy = await self._attempt(n, work_dir / f"fix-{n}", repository, start_commit, branch, grade,
                                                 manifest, scenario, context, attempts, trace_id)
             attempts.append(attempt)
@@ -163,7 +159,8 @@ class FixStage:
             if attempt.outcome == "proven":
                 proven = (attempt, copy)
                 break
-        events = [EventDraft("fix", f"attempt_{a.outcome}", reason=a.detail, details={
+        await asyncio.to_thread(self._write_outcome, work_dir, attempts, proven)
+        events = [] if reused else [EventDraft("fix", f"attempt_{a.outcome}", reason=a.detail, details={
             "attempt": a.n, "commit": a.commit, "usage": a.usage, "reproduction": a.reproduction}) for a in attempts]
 
         if proven is None:
@@ -196,6 +193,30 @@ class FixStage:
             "pr_url": pull.get("url"), "pr_number": pull.get("number"), "branch": branch, "commit": attempt.commit,
             "draft": pull.get("draft"), "checks": pull.get("checks")}))
         return Outcome("done", json.dumps(doc).encode(), events)
+
+    # -- earlier passes ---------------------------------------------------------------------------------------------
+
+    def _work_dir(self, trace_id: str, stage_key: str, generation: int) -> Path:
+        return self.settings.work_root / "fix" / f"{trace_id}-{stage_key[:12]}-g{generation}"
+
+    @staticmethod
+    def _write_outcome(work_dir: Path, attempts: list[FixAttempt], proven: tuple[FixAttempt, Path] | None) -> None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        doc = {"attempts": [a.as_dict() for a in attempts],
+               "proven": None if proven is None else {"attempt": proven[0].as_dict(), "copy": str(proven[1])}}
+        (work_dir / "outcome.json").write_text(json.dumps(doc, indent=2))
+
+    def _earlier_proof(self, trace_id: str, item: WorkItem) -> tuple[FixAttempt, Path] | None:
+        """The proven attempt of an earlier generation of this stage key whose working copy is still there."""
+        for generation in range(item.generation - 1, -1, -1):
+            path = self._work_dir(trace_id, item.stage_key, generation) / "outcome.json"
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if doc.get("proven") and Path(doc["proven"]["copy"], ".git").exists():
+                return FixAttempt(**doc["proven"]["attempt"]), Path(doc["proven"]["copy"])
+        return None
 
     # -- one attempt ------------------------------------------------------------------------------------------------
 
@@ -349,9 +370,6 @@ class FixStage:
         forge = None
         owner_repo = None
         if not s.pr_command:
-            from normalizers.envelope import repository_from
-            from pipeline.forge import detect_forge, make_forge
-
             owner_repo = repository_from(None, {"vcs.repository.url.full": remote_url})
             try:
                 kind, api_url = detect_forge(remote_url, s.forge_api_url, s.forge)
@@ -381,6 +399,9 @@ class FixStage:
                 return await self._pr_command(copy, branch, base, title, body_path, work_dir)
             return await self._pull_request(forge, owner_repo, branch, base, title, body_path.read_text(),
                                             attempt)
+        except ForgeError as exc:  # anything the forge refused (the repository, the default branch, the token)
+            raise PublishBlocked(f"{exc.kind}: {exc}", "fix what the forge said, then `trace-source reprocess`; or "
+                                 "push the branch and open the pull request by hand with pr-details.md") from None
         finally:
             if forge is not None:
                 await forge.close()
@@ -391,18 +412,11 @@ class FixStage:
         proc = await asyncio.to_thread(git, "push", "--quiet", target, f"+{commit}:refs/heads/{branch}", cwd=copy,
                                        check=False, env=git_auth_env(remote_url, token), timeout=600)
         if proc.returncode != 0:
-            err = proc.stderr.strip()
-            kind = ("branch protection" if "protect" in err.lower() else
-                    "permission denied" if re.search(r"denied|403|forbidden|not allowed", err, re.I) else
-                    "authentication failed" if re.search(r"authentication|401|could not read username", err, re.I)
-                    else "push refused")
-            raise PublishBlocked(f"{kind}: git push to {remote_url} failed: {err[-800:]}",
+            raise PublishBlocked(str(push_error(remote_url, proc.stderr)),
                                  f"git -C {copy} push <remote> {commit}:refs/heads/{branch}")
 
     async def _pull_request(self, forge, repo: str, branch: str, base: str, title: str, body: str,
                             attempt: FixAttempt) -> dict[str, Any]:
-        from pipeline.forge import ForgeError
-
         try:
             pull = await forge.find_pull(repo, branch)
             if pull is None:
@@ -425,6 +439,8 @@ class FixStage:
             problems.append(f"its head is {pull.head_sha[:12]}, not the proven commit {str(attempt.commit)[:12]}")
         if sorted(attempt.files) != files:
             problems.append(f"it changes {files}, the fix changed {sorted(attempt.files)}")
+        if not pull.draft:  # e.g. a Gitea whose work-in-progress prefixes are not "WIP:"
+            problems.append("the forge does not report it as a draft")
         return {"number": pull.number, "url": pull.url, "head": pull.head_ref, "head_sha": pull.head_sha,
                 "base": pull.base_ref, "draft": pull.draft, "state": pull.state, "files": files, "checks": checks,
                 "forge": forge.kind, "verified": not problems, "problems": problems}

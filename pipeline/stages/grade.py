@@ -11,7 +11,6 @@ is graded again and its grade file replaces the older one — the latest version
 
 from __future__ import annotations
 
-import asyncio
 
 import structlog
 from pydantic import ValidationError
