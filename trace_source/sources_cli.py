@@ -182,7 +182,7 @@ def register(main: click.Group) -> None:
 
     @main.group()
     def connect() -> None:
-        """Register a pulled trace source in the registry (<state-dir>/sources.db).
+        """Register a trace source in the registry (<state-dir>/sources.db, or Postgres: --registry-url-env).
 
         Credentials are never stored: name the environment variable that holds them (or a secret
         reference). Then: `trace-source test NAME`, `sync NAME`, `watch NAME`; `status` lists sources.
