@@ -8,7 +8,8 @@ Endpoints (Basic auth: public key / secret key, else 401 ``{"message": ...}``):
   ``TraceWithDetails`` does; ``fromTimestamp`` is inclusive.
 * ``GET /api/public/traces/{traceId}`` -> ``TraceWithFullDetails``: the trace with full observation objects
   (``GENERATION`` with ``model`` and ``usageDetails``, ``SPAN``, ``TOOL``, ``EVENT``; ``level``,
-  ``statusMessage``, ``parentObservationId``). ``detail_delay_s`` slows it (to kill a reader mid-page).
+  ``statusMessage``, ``parentObservationId``). ``detail_delay_s`` slows it; a trace id in ``hold`` is not answered
+  until :meth:`release` (to kill a reader at a known point of a page).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class FakeLangfuse:
         self.traces = traces
         self.auth = "Basic " + base64.b64encode(f"{public_key}:{secret_key}".encode()).decode()
         self.detail_delay_s = detail_delay_s
+        self.hold: set[str] = set()
+        self._released: asyncio.Event | None = None
         self.requests: list[str] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,6 +96,8 @@ class FakeLangfuse:
             return web.json_response({"message": "Invalid credentials"}, status=401)
         if self.detail_delay_s:
             await asyncio.sleep(self.detail_delay_s)
+        if request.match_info["trace_id"] in self.hold:
+            await self._released.wait()
         found = next((t for t in self.traces if t["id"] == request.match_info["trace_id"]), None)
         if found is None:
             return web.json_response({"message": "Trace not found"}, status=404)
@@ -103,6 +108,7 @@ class FakeLangfuse:
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
+            self._released = asyncio.Event()
             app = web.Application()
             app.router.add_get("/api/public/traces", self._list)
             app.router.add_get("/api/public/traces/{trace_id}", self._detail)
@@ -119,8 +125,13 @@ class FakeLangfuse:
         ready.wait(10)
         return self
 
+    def release(self) -> None:
+        """Answer the held requests (and every later one)."""
+        self._loop.call_soon_threadsafe(self._released.set)
+
     def stop(self) -> None:
         if self._loop is not None:
+            self.release()
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)

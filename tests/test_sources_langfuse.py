@@ -6,9 +6,12 @@ repeats nothing (envelopes counted per key)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from langfuse_fake import FakeLangfuse, make_trace, many_traces, wait
 from normalizers.foreign import trace_id_of
@@ -54,10 +57,11 @@ def test_sync_imports_every_trace_once_with_the_run_view(tmp_path: Path) -> None
         passing = envelope_file(state, trace_id_of("lf-00001", "langfuse-trace"))
         assert not passing.agent_run.errors and passing.agent_run.final_output == "It is in transit."
 
-        # Nothing new: nothing imported. A new trace and an updated one (a late observation): imported, the
-        # updated one as version 2.
-        assert {r["status"] for r in json.loads(cli("sync", "lf", "--json", "--state-dir", str(state),
-                                                    env=KEYS).stdout)["traces"]} <= {"unchanged"}
+        # Nothing new: nothing imported, and nothing fetched again (the listing entries are unchanged). A new trace
+        # and an updated one (a late observation): imported, the updated one as version 2.
+        fetched = sum("/api/public/traces/" in u for u in lf.requests)
+        assert json.loads(cli("sync", "lf", "--json", "--state-dir", str(state), env=KEYS).stdout)["traces"] == []
+        assert sum("/api/public/traces/" in u for u in lf.requests) == fetched
         last = traces[-1]
         late = make_trace(99, datetime.fromisoformat(last["timestamp"].replace("Z", "+00:00")) + timedelta(seconds=5),
                           fail=False)
@@ -97,27 +101,87 @@ def test_a_refused_key_blocks_the_source_with_the_auth_failure(tmp_path: Path) -
 def test_watch_killed_mid_page_loses_and_repeats_nothing(tmp_path: Path) -> None:
     traces = many_traces(40)
     state = tmp_path / "state"
-    with FakeLangfuse(traces, detail_delay_s=0.05) as lf:
+    with FakeLangfuse(traces) as lf:
         connect(state, lf.base_url)
+        # The reader stops inside the second page (10 a page): trace lf-00014 is not answered until released.
+        lf.hold = {"lf-00014"}
         watch = CliProcess(tmp_path / "watch.log", ["watch", "lf", "--interval-s", "0.5", "--state-dir", str(state)],
                            env=KEYS)
         watch.launch("watching", 30)
-        # Past the first page (10 traces) and inside the second: kill -9, no shutdown at all.
-        wait(lambda: (state / "spans.db").exists() and 13 <= sum(keys_on_topic(state).values()) < 20 or None)
-        watch.kill()
-        done_before = sum(keys_on_topic(state).values())
-        assert 13 <= done_before < 40
+        wait(lambda: "/api/public/traces/lf-00014" in lf.requests or None)
+        watch.kill()  # SIGKILL, no shutdown at all, with lf-00010..13 of the page read and not yet imported
+        assert len(keys_on_topic(state)) == 10
+        cursor = json.loads(cli("status", "lf", "--json", "--state-dir", str(state)).stdout)["cursor"]
+        assert sorted(cursor["seen"]) == [f"lf-{n:05d}" for n in range(10)]
+        lf.release()
         restarted = CliProcess(tmp_path / "watch.log", ["watch", "lf", "--interval-s", "0.5", "--state-dir",
                                                         str(state)], env=KEYS)
         restarted.launch("watching", 30)
         try:
             wait(lambda: len(keys_on_topic(state)) == 40 or None, 120)
-            # One more round: nothing more arrives.
-            wait(lambda: sum(u.startswith("/api/public/traces?") for u in lf.requests) >= 8 or None, 60)
+            listed = sum(u.startswith("/api/public/traces?") for u in lf.requests)
+            wait(lambda: sum(u.startswith("/api/public/traces?") for u in lf.requests) > listed + 4 or None, 60)
         finally:
             restarted.stop()
     counts = keys_on_topic(state)
     assert len(counts) == 40 and set(counts.values()) == {1}, counts
-    imported = {e.trace_id for e in (envelope_file(state, t) for t in
-                                     {trace_id_of(t["id"], "langfuse-trace") for t in traces})}
-    assert len(imported) == 40
+    assert {envelope_file(state, trace_id_of(t["id"], "langfuse-trace")).trace_id for t in traces} == \
+        {trace_id_of(t["id"], "langfuse-trace") for t in traces}
+
+
+def test_a_sync_dying_after_part_of_a_page_was_delivered_repeats_nothing(tmp_path: Path) -> None:
+    """The other crash points: envelopes of a page on the topic, the page's cursor not stored yet, and the last one
+    delivered but not remembered by the source's state. (In-process: the destination raises right after its 15th
+    delivery, as a process killed there would stop.)"""
+    from normalizers.envelope import Envelope
+    from pipeline.sources.importer import SinkDestination
+    from pipeline.sources.store import SourceStore
+    from pipeline.sources.sync import sync_once
+    from sinks.envelopes import LocalEnvelopeSink
+
+    class Died(BaseException):
+        pass
+
+    class DyingDestination(SinkDestination):
+        def __init__(self, sink, after: int) -> None:
+            super().__init__(sink)
+            self.left = after
+
+        async def deliver(self, envelope: Envelope, trigger: str):
+            delivered = await super().deliver(envelope, trigger)
+            self.left -= 1
+            if self.left == 0:
+                raise Died()  # on the topic, not yet remembered by the source's state
+            return delivered
+
+    traces = many_traces(24)
+    state = tmp_path / "state"
+    with FakeLangfuse(traces) as lf:
+        connect(state, lf.base_url)
+
+        async def run(after: int | None):
+            sink = LocalEnvelopeSink(state)
+            await sink.start()
+            store = SourceStore(state)
+            try:
+                dest = SinkDestination(sink) if after is None else DyingDestination(sink, after)
+                return await sync_once(store, "lf", dest)
+            finally:
+                store.close()
+                await sink.stop()
+
+        import os
+
+        os.environ.update(KEYS)
+        try:
+            with pytest.raises(Died):
+                asyncio.run(run(15))  # page 1 (10) done, 5 of page 2 delivered, its cursor not stored
+            assert len(keys_on_topic(state)) == 15
+            result = asyncio.run(run(None))
+        finally:
+            for k in KEYS:
+                os.environ.pop(k, None)
+    # lf-00015..23 new; of the re-read page lf-00010..13 remembered, lf-00014 found on the topic by its key.
+    assert {k: v for k, v in result.counts().items() if v} == {"imported": 9, "unchanged": 4, "duplicate": 1}
+    counts = keys_on_topic(state)
+    assert len(counts) == 24 and set(counts.values()) == {1}

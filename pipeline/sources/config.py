@@ -187,9 +187,10 @@ class LangfuseConfig(_Base):
     secret_key_env: str = Field("LANGFUSE_SECRET_KEY", description=(
         "Name of the environment variable holding the project's secret key (Basic auth password)."))
     page_size: int = Field(50, ge=1, le=100, description="Traces per page of GET /api/public/traces.")
-    lookback_s: float = Field(0.0, ge=0, description=(
-        "Re-read traces this many seconds before the cursor (Langfuse's REST API can show traces minutes late); "
-        "traces read again with unchanged content are skipped."))
+    lookback_s: float = Field(900.0, ge=0, description=(
+        "List again the traces of this many seconds before the cursor: Langfuse's REST API can show a trace about "
+        "ten minutes late, and a trace can still get observations. Listed traces whose entry did not change are "
+        "not fetched again; fetched ones whose content did not change are not imported again."))
     source_limit: int | None = Field(None, ge=1, description="At most this many traces per sync.")
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one API request.")
 

@@ -10,6 +10,9 @@ import: ``auth`` / ``missing auth``, ``connection``, ``mapping``, ``cursor``, ``
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -117,18 +120,23 @@ def _iso(ns: int) -> str:
 class LangfuseReader:
     """Langfuse's public API: ``GET /api/public/traces?page=&limit=&orderBy=timestamp.asc&fromTimestamp=`` (pages
     ``meta.totalPages``), then ``GET /api/public/traces/{id}`` for each trace's observations. Basic auth with the
-    public / secret key. Cursor ``{"timestamp": ISO}``: the newest trace timestamp imported; the next sync asks from
-    there (inclusive, minus ``lookback_s``) and skips what it already has."""
+    public / secret key. Cursor ``{"timestamp": ISO, "seen": {id: [fingerprint, ISO]}}``: the newest trace timestamp
+    imported; the next sync asks from there (inclusive, minus ``lookback_s``, since the API can show a trace minutes
+    late). A listed trace whose listing entry is unchanged since it was imported (same fingerprint: a hash of the
+    entry, which holds its observation ids, latency, output) is not fetched again; the others are, and the importer
+    skips those whose content did not change."""
 
     def __init__(self, config: LangfuseConfig) -> None:
         self.config = config
 
-    def _auth(self) -> aiohttp.BasicAuth:
+    def _auth(self) -> str:
+        """The ``Authorization`` header: Basic with the public key as user and the secret key as password."""
         try:
-            return aiohttp.BasicAuth(resolve_secret(self.config.public_key_env, None, "Langfuse public key"),
-                                     resolve_secret(self.config.secret_key_env, None, "Langfuse secret key"))
+            public = resolve_secret(self.config.public_key_env, None, "Langfuse public key")
+            secret = resolve_secret(self.config.secret_key_env, None, "Langfuse secret key")
         except SecretError as exc:
             raise SourceError("missing auth", str(exc).removeprefix("missing auth: ")) from None
+        return "Basic " + base64.b64encode(f"{public}:{secret}".encode()).decode()
 
     async def _get(self, session: aiohttp.ClientSession, path: str, params: dict | None = None) -> Any:
         url = self.config.base_url.rstrip("/") + path
@@ -157,10 +165,12 @@ class LangfuseReader:
         raise SourceError("connection", f"GET {url}: still rate-limited after 5 attempts")
 
     def _session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(auth=self._auth(), timeout=aiohttp.ClientTimeout(total=self.config.timeout_s))
+        return aiohttp.ClientSession(headers={"Authorization": self._auth()},
+                                     timeout=aiohttp.ClientTimeout(total=self.config.timeout_s))
 
     async def pages(self, cursor: Any) -> AsyncIterator[Page]:
         since = (cursor or {}).get("timestamp")
+        seen: dict[str, list[str]] = dict((cursor or {}).get("seen") or {})
         params: dict[str, Any] = {"limit": self.config.page_size, "orderBy": "timestamp.asc"}
         newest = since
         if since:
@@ -180,24 +190,33 @@ class LangfuseReader:
                 for item in listing["data"]:
                     if self.config.source_limit is not None and taken >= self.config.source_limit:
                         break
-                    taken += 1
                     tid = str(item.get("id"))
+                    fingerprint = hashlib.sha256(json.dumps(item, sort_keys=True, default=str).encode()).hexdigest()
+                    if (seen.get(tid) or [None])[0] == fingerprint[:16]:
+                        continue  # listed again inside the lookback window, unchanged
+                    taken += 1
                     detail = await self._get(session, f"/api/public/traces/{tid}")
                     try:
                         spans = spans_from_langfuse_trace(detail)
                         traces.append(PulledTrace(trace_id_of(detail.get("id"), "langfuse-trace"),
                                                   f"langfuse trace {tid}", spans))
-                        ts = detail.get("timestamp")
-                        if ts and (newest is None or time_ns(ts) > time_ns(newest)):
-                            newest = _iso(time_ns(ts))
+                        ts = _iso(time_ns(detail.get("timestamp")))
+                        seen[tid] = [fingerprint[:16], ts]
+                        if newest is None or time_ns(ts) > time_ns(newest):
+                            newest = ts
                     except (LangfuseShapeError, ForeignValueError, AttributeError) as exc:
                         rejected.append(Rejected(f"langfuse trace {tid}", "bad shape", str(exc)))
-                yield Page(traces, rejected, {"timestamp": newest} if newest else cursor)
+                yield Page(traces, rejected, self._cursor(newest, seen) if newest else cursor)
                 meta = listing.get("meta") or {}
                 if (self.config.source_limit is not None and taken >= self.config.source_limit) or \
                         page_no >= int(meta.get("totalPages") or 0) or not listing["data"]:
                     return
                 page_no += 1
+
+    def _cursor(self, newest: str, seen: dict[str, list[str]]) -> dict:
+        """The cursor, remembering only the traces inside the lookback window (the only ones listed again)."""
+        floor = time_ns(newest) - int(self.config.lookback_s * 1e9)
+        return {"timestamp": newest, "seen": {k: v for k, v in seen.items() if time_ns(v[1]) >= floor}}
 
     async def check(self) -> list[Check]:
         try:
