@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JS_DIR := tests/interop/js
 
-.PHONY: serve test postgres-server bench bench-assembler bench-grade clean-venv
+.PHONY: serve test postgres-server bench bench-assembler bench-grade otelcol phoenix clean-venv
 
 # Virtualenv with the package (editable) and its test extras; re-installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -28,19 +28,6 @@ HELM := $(HOME)/.cache/trace-source/bin/helm
 $(HELM):
 	GOBIN=$(dir $(HELM)) go install helm.sh/helm/v3/cmd/helm@v3.21.4
 
-# Gitea for the forge tests (tests/forge_harness.py): its module from the Go module proxy, built with its options/
-# beside it into the same cache (the first build takes about 9 minutes on 2 cores, a rebuild with Go's cache warm 20 s).
-GITEA := $(HOME)/.cache/trace-source/gitea-1.27.3/gitea
-$(GITEA):
-	$(PYTHON) tests/forge_harness.py --build
-
-# aider (aider-chat from PyPI), the real coding-agent CLI of the fix stage's tests (tests/coding_agent.py), in its own
-# virtualenv in the same cache: its exact pins clash with the test extras' (about 1.5 minutes the first time).
-AIDER := $(HOME)/.cache/trace-source/aider-0.86.2/bin/aider
-$(AIDER):
-	$(PYTHON) tests/coding_agent.py install
-
-
 # Postgres server binaries for the tests' harness (tests/postgres_harness.py starts its own server from them):
 # Debian's postgresql package, installed when none are found and TRACE_SOURCE_TEST_DATABASE_URL names no server
 # (CI runs as root; elsewhere through sudo).
@@ -53,12 +40,39 @@ postgres-server: $(VENV)/.installed
 	  $(PY) tests/postgres_harness.py --find; \
 	fi
 
+# Gitea for the forge tests (tests/forge_harness.py): its module from the Go module proxy, built with its options/
+# beside it into the same cache (the first build takes about 9 minutes on 2 cores, a rebuild with Go's cache warm 20 s).
+GITEA := $(HOME)/.cache/trace-source/gitea-1.27.3/gitea
+$(GITEA):
+	$(PYTHON) tests/forge_harness.py --build
+
+# aider (aider-chat from PyPI), the real coding-agent CLI of the fix stage's tests (tests/coding_agent.py), in its own
+# virtualenv in the same cache: its exact pins clash with the test extras' (about 1.5 minutes the first time).
+AIDER := $(HOME)/.cache/trace-source/aider-0.86.2/bin/aider
+$(AIDER):
+	$(PYTHON) tests/coding_agent.py install
+
 test: $(VENV)/.installed $(JS_DIR)/node_modules/.installed $(HELM) $(GITEA) $(AIDER) postgres-server
 	$(PY) tests/kafka_harness.py --fetch
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.receiver_bench $(BENCH_ARGS)
+
+# Peers for `make bench` (optional; the bench skips a peer that is missing and says why). The OpenTelemetry
+# Collector (otlpreceiver + kafkaexporter, bench/collector) is built from the Go module proxy into the cache; Arize
+# Phoenix is installed from PyPI into its own virtualenv there.
+OTELCOL := $(HOME)/.cache/trace-source/bin/otelcol-bench
+$(OTELCOL): bench/collector/main.go bench/collector/go.mod bench/collector/go.sum
+	cd bench/collector && go build -trimpath -o $(OTELCOL) .
+otelcol: $(OTELCOL)
+
+PHOENIX_VENV := $(HOME)/.cache/trace-source/phoenix-venv
+$(PHOENIX_VENV)/.installed:
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/pip install --quiet arize-phoenix
+	touch $@
+phoenix: $(PHOENIX_VENV)/.installed
 
 bench-assembler: $(VENV)/.installed
 	$(PY) -m bench.assembler_bench $(BENCH_ARGS)

@@ -47,6 +47,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench import profiling
 from bench.common import (
     PROTOBUF, REPO, RESULTS_DIR, TOPIC_MAX_BYTES, LoggedProcess, ServerProcess, cpu_cores, delete_topic, environment,
     fmt, fmt_k, java_children, machine_cpu_s, median, note_cpu_contention, percentile, process_cpu_s,
@@ -405,7 +406,7 @@ async def send_all(url: str, bodies: list[bytes], connections: int) -> dict[str,
 async def run_receiver_phase(args, broker: Broker, workload: Workload, topic: str, timeline: Timeline,
                              work_dir: Path, stamp: str) -> ReceiverResult:
     cmd = [str(TRACE_SOURCE), "serve", "--port", "0", "--grpc-port", "0", "--state-dir", str(work_dir / "serve"),
-           "--kafka-bootstrap-servers", broker.bootstrap, "--kafka-topic", topic]
+           "--kafka-bootstrap-servers", broker.bootstrap, "--kafka-topic", topic, "--workers", "1"]
     server = ServerProcess("trace-source serve", cmd, work_dir / "serve.log")
     await asyncio.to_thread(server.start)
     timeline.watch(server.pid)
@@ -480,6 +481,16 @@ class WorkerProc(LoggedProcess):
         self.emitted_at: list[float] = []
         self.peak_open_traces = 0.0
         self.peak_buffered_mb = 0.0
+        self.threads_at_start: tuple[float, float] | None = None  # thread_cpu_s at the first assignment
+        self.threads_at_end: tuple[float, float] | None = None
+
+    def thread_split(self) -> dict[str, float] | None:
+        """CPU seconds between the first assignment and the end: the main thread (event loop: Kafka consume and
+        produce, decoding, buffers, publishing, logging) and all other threads (envelope building)."""
+        if self.threads_at_start is None or self.threads_at_end is None:
+            return None
+        return {"event_loop_thread": round(self.threads_at_end[0] - self.threads_at_start[0], 2),
+                "other_threads": round(self.threads_at_end[1] - self.threads_at_start[1], 2)}
 
     def read_log(self) -> None:
         with open(self.log_path, "rb") as f:
@@ -546,6 +557,18 @@ class WorkerProc(LoggedProcess):
 
     def log_tail(self, lines: int = 15) -> str:
         return super().log_tail(lines)
+
+
+def thread_cpu_s(pid: int) -> tuple[float, float] | None:
+    """(main thread, all other threads) cumulative CPU seconds of process ``pid``."""
+    import psutil
+
+    try:
+        threads = psutil.Process(pid).threads()
+    except psutil.Error:
+        return None
+    main = sum(t.user_time + t.system_time for t in threads if t.id == pid)
+    return main, sum(t.user_time + t.system_time for t in threads if t.id != pid)
 
 
 def _ts(event: dict) -> float:
@@ -711,6 +734,14 @@ class PhaseResult:
     verification: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    profile: dict[str, Any] | None = None
+
+
+def profiled_window_s(workers: list[WorkerProc], watcher: OutputWatcher) -> float:
+    """Seconds from the first assignment to the last first envelope (the profiled window), for the report."""
+    starts = [w.assigned[0][0] for w in workers if w.assigned]
+    ends = list(watcher.first_ms.values())
+    return round(max(ends) / 1000 - min(starts), 1) if starts and ends else 0.0
 
 
 async def run_assembler_phase(args, broker: Broker, workload: Workload, input_topic: str, n: int, round_no: int,
@@ -732,9 +763,12 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
     for opt in args.worker_option:
         k, _, v = opt.partition("=")
         flags[k.strip().removeprefix("--").replace("_", "-")] = v
-    cmd = [str(TRACE_SOURCE), "worker", "assemble"]
+    cmd = ["worker", "assemble"]
     for k, v in flags.items():
         cmd += [f"--{k}", str(v)]
+    pstats = phase_dir / "profile.pstats" if args.profile else None
+    cmd = (profiling.command(pstats, args.profile_clock, "trace_source.cli", *cmd) if pstats
+           else [str(TRACE_SOURCE), *cmd])
     watcher = OutputWatcher(broker.bootstrap, traces_topic, workload.expected)
     await watcher.start()
     workers = [WorkerProc(i, cmd, phase_dir / f"worker-{i}.log") for i in range(n)]
@@ -750,12 +784,19 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
     deadline = time.monotonic() + args.timeout
     last_progress, last_missing, last_change = time.monotonic(), expected_n, time.monotonic()
     last_gauges = 0.0
+    profiling_window = False
     try:
         while not watcher.complete.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(watcher.complete.wait(), 0.25)
             for w in workers:
                 w.read_log()
+            if pstats and not profiling_window and workers[0].assigned:
+                profiling.send(workers[0], True)  # the window opens at the first assignment (within ~0.25 s)
+                profiling_window = True
+            for w in workers:
+                if w.assigned and w.threads_at_start is None:
+                    w.threads_at_start = thread_cpu_s(w.pid)
             dead = [w for w in workers if w.exited() is not None]
             if dead and not watcher.complete.is_set():
                 for w in dead:
@@ -780,6 +821,10 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
                 say(f"{label} {time.time() - t_launch:5.1f} s: {done:,}/{expected_n:,} envelopes{rate}; "
                     f"partitions: {'; '.join(f'w{w.index} {w.partitions()}' for w in workers)}")
         timeline.sample()
+        for w in workers:
+            w.threads_at_end = thread_cpu_s(w.pid)
+        if profiling_window:
+            profiling.send(workers[0], False)
         if watcher.complete.is_set():
             await asyncio.sleep(args.settle)  # late duplicates (e.g. a rebalance replay) would show up now
         for w in workers:
@@ -787,10 +832,20 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
         metrics = [await scrape_metrics(w.metrics_port) for w in workers]
     finally:
         t_stop = time.time()  # rebalances after this are the workers leaving the group on SIGTERM
+        if pstats:
+            await asyncio.sleep(1.0)  # the profiler writes its file on SIGUSR2
         for w in workers:
             w.terminate()
         codes = [await asyncio.to_thread(w.wait, 30.0) for w in workers]
         await watcher.stop()
+    if pstats:
+        if pstats.exists():
+            keep = results_path(None, f"profile-assembler-{stamp}.pstats")
+            shutil.copy(pstats, keep)
+            res.profile = profiling.report(keep, args.top, profiled_window_s(workers, watcher), args.profile_clock,
+                                           "the worker (event loop and envelope-building threads)")
+        else:
+            res.errors.append(f"no profile was written ({pstats})")
     for w in workers:
         w.read_log()
     if args.keep_logs:
@@ -831,7 +886,7 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
             "peak_open_traces": int(w.peak_open_traces), "peak_buffered_mb": round(w.peak_buffered_mb, 1),
             **w.bursts(t0),
             "build_s": None if "envelope_build_seconds_sum" not in m else round(m["envelope_build_seconds_sum"], 2),
-            "peak_rss_mb": timeline.peak_rss_mb(w.pid), "exit_code": code,
+            "peak_rss_mb": timeline.peak_rss_mb(w.pid), "exit_code": code, "thread_cpu_s": w.thread_split(),
             "log_problems": dict(w.problems), "metrics": m})
         if code not in (0, None):
             res.errors.append(f"worker {w.index} exit code {code}:\n{w.log_tail()}")
@@ -874,7 +929,8 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
     for pw in res.per_worker:
         say(f"{label}   worker {pw['worker']}: partitions {pw['partitions']}, {pw['envelopes']:,} envelopes, "
             f"{pw['spans']:,} spans, last at {pw['last_envelope_at_s']} s, {fmt(pw['cpu_cores'])} cores "
-            f"({pw['cpu_s']} CPU-s; {pw['build_s']} s wall in build_envelope), peak RSS {pw['peak_rss_mb']} MB; "
+            f"({pw['cpu_s']} CPU-s: {fmt_threads(pw['thread_cpu_s'])}; {pw['build_s']} s wall in build_envelope), "
+            f"peak RSS {pw['peak_rss_mb']} MB; "
             f"up to {pw['peak_open_traces']:,} open traces ({pw['peak_buffered_mb']} MB OTLP), longest pause between "
             f"envelopes {pw.get('longest_pause_s')} s, up to {pw.get('max_envelopes_in_1s')} envelopes in 1 s, "
             f"{int(pw['metrics'].get('publish_errors_total', 0) or 0):,} publish retries")
@@ -888,6 +944,12 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
 
 
 # ================================================================================================ report
+
+
+def fmt_threads(split: dict[str, float] | None) -> str:
+    if not split:
+        return "thread split unknown"
+    return f"event loop {split['event_loop_thread']}, envelope building {split['other_threads']}"
 
 
 def summarize(phases: list[PhaseResult], worker_counts: list[int]) -> list[dict[str, Any]]:
@@ -1025,7 +1087,7 @@ def run_e2e(args: argparse.Namespace) -> int:
                    "connections": args.connections, "workers": worker_counts, "rounds": args.rounds,
                    "quiet_period_s": args.quiet_period, "worker_log_level": args.worker_log_level,
                    "worker_options": args.worker_option, "rebalance_delay_ms": args.rebalance_delay_ms,
-                   "broker_jvm": args.broker_jvm},
+                   "broker_jvm": args.broker_jvm, "profile": args.profile},
         "environment": env, "kafka": {**broker.info, "input_topic": input_topic},
         "workload": {"requests": len(workload.bodies), "spans": workload.spans, "traces": len(workload.expected),
                      "body_bytes_mean": workload.body_bytes_mean},
@@ -1109,6 +1171,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "bench/results/assembler-<timestamp>-logs/")
     e.add_argument("--output", type=Path, default=None,
                    help="JSON results file (default: bench/results/assembler-<timestamp>.json)")
+    e.add_argument("--profile", action="store_true",
+                   help="one phase with one worker (implies --workers 1 --rounds 1), the worker under cProfile from "
+                        "its first partition assignment to the last envelope: its event loop and the threads that "
+                        "build envelopes; prints the top functions and writes "
+                        "bench/results/profile-assembler-<timestamp>.pstats (python -m pstats)")
+    profiling.add_arguments(e, top=30)
     m = parser.add_argument_group("micro mode")
     m.add_argument("--requests", type=int, default=8, help="export requests to split and assemble "
                                                           "(default: %(default)s)")
@@ -1124,6 +1192,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "micro":
         return run_micro(args)
     args.rounds = args.rounds or 1
+    if args.profile:
+        args.workers, args.rounds = "1", 1
     try:
         counts = [int(x) for x in args.workers.split(",") if x.strip()]
     except ValueError:

@@ -156,16 +156,22 @@ class ServerProcess(LoggedProcess):
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                if '"serving"' in line:
-                    with contextlib.suppress(ValueError):
-                        event = json.loads(line)
-                        if event.get("event") == "serving":
-                            self.serving = event
-                            return self
+            if self.ready():
+                return self
             time.sleep(0.05)
         self.kill()
         raise TimeoutError(f"{self.name} did not start within {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        """Whether the server is up: its log has the ``serving`` event (kept in :attr:`serving`)."""
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"serving"' in line:
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if event.get("event") == "serving":
+                        self.serving = event
+                        return True
+        return False
 
 
 # ================================================================================================ CPU and memory

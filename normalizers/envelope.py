@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from normalizers.agent_run import AgentRun
@@ -259,13 +260,36 @@ class Envelope(BaseModel):
         return self
 
     def to_json_bytes(self) -> bytes:
-        """UTF-8 JSON of the whole envelope (every field, defaults included), as published on the traces topic."""
-        return self.model_dump_json().encode()
+        """UTF-8 JSON of the whole envelope (every field, defaults included), as published on the traces topic:
+        byte for byte ``model_dump_json().encode()``, written by :func:`model_json_bytes`."""
+        return model_json_bytes(self)
 
     @classmethod
     def from_json_bytes(cls, data: bytes | str) -> Envelope:
         """Parse and validate envelope JSON; raises ``pydantic.ValidationError`` (see the class docstring)."""
         return cls.model_validate_json(data)
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """orjson's ``default`` hook: a model's field values in declaration order, then its extra fields."""
+    if isinstance(value, BaseModel):
+        extra = value.__pydantic_extra__
+        return {**value.__dict__, **extra} if extra else value.__dict__
+    raise TypeError(type(value).__name__)
+
+
+def model_json_bytes(model: BaseModel) -> bytes:
+    """``model.model_dump_json().encode()`` for the envelope's models, several times faster.
+
+    orjson writes what pydantic's serializer writes for these models (fields in declaration order from
+    ``__dict__``, extras after them, compact separators, UTF-8 unescaped, the same float formatting, NaN and
+    infinities as ``null``); ``tests/test_envelope.py`` compares the two. Anything orjson does not write the same
+    way raises (integers beyond 64 bits, non-string dict keys, sets, bytes, strings with lone surrogates): then
+    pydantic serializes, so the result (or the error) is always pydantic's."""
+    try:
+        return orjson.dumps(model, default=_fields)
+    except TypeError:  # orjson.JSONEncodeError included
+        return model.model_dump_json().encode()
 
 
 def envelope_json_schema() -> dict[str, Any]:

@@ -342,6 +342,9 @@ class AssemblerCore:
         self.partitions: dict[int, PartitionState] = {}
         # Kept across rebalances: if a partition comes back, its closed traces are still known.
         self.lru: OrderedDict[tuple[int, str], ClosedInfo] = OrderedDict()
+        # LRU keys whose entry may still hold raw records, in LRU order: what the byte budget strips first, without
+        # walking past the (many) entries already stripped. Keys the LRU dropped meanwhile are skipped lazily.
+        self._holding: OrderedDict[tuple[int, str], None] = OrderedDict()
         self.buffered_bytes = 0
         self.retained_bytes = 0
         self._tokens = itertools.count(1)
@@ -429,6 +432,8 @@ class AssemblerCore:
                     out.duplicate_spans += len(facts.spans)
                     out.duplicate_logs += len(facts.logs)
                     self.lru.move_to_end((rec.partition, trace_id))
+                    if (rec.partition, trace_id) in self._holding:
+                        self._holding.move_to_end((rec.partition, trace_id))
                     rng = state.done.get(trace_id)
                     if rng is not None:  # keep replays whole: the duplicate belongs to the trace's range
                         rng[1] = max(rng[1], rec.offset)
@@ -553,17 +558,19 @@ class AssemblerCore:
             return
         self.lru[key] = info
         self.retained_bytes += info.nbytes
+        if info.nbytes:
+            self._holding[key] = None
+            self._holding.move_to_end(key)
         while len(self.lru) > self.remembered:
-            _, dropped = self.lru.popitem(last=False)
+            dropped_key, dropped = self.lru.popitem(last=False)
             self.retained_bytes -= dropped.nbytes
+            self._holding.pop(dropped_key, None)
         # Over the byte budget: drop the raw records of the oldest entries, keep their ids and versions.
-        if self.retained_bytes > self.retained_limit:
-            for entry in self.lru.values():
-                if self.retained_bytes <= self.retained_limit:
-                    break
-                if entry.nbytes:
-                    self.retained_bytes -= entry.nbytes
-                    entry.records, entry.prior, entry.nbytes = None, None, 0
+        while self.retained_bytes > self.retained_limit and self._holding:
+            entry = self.lru.get(self._holding.popitem(last=False)[0])
+            if entry is not None and entry.nbytes:
+                self.retained_bytes -= entry.nbytes
+                entry.records, entry.prior, entry.nbytes = None, None, 0
 
 
 def _adds(spans: dict[str, SpanFacts], logs: set[LogId], facts: TraceFacts) -> bool:

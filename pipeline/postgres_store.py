@@ -39,15 +39,19 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )"""
 
 
+#: ``scheme://user:password@`` of a URL (the password up to the authority's last ``@``).
+_URL_PASSWORD = re.compile(r"^(\w+://[^:/@?#]*):([^/?#]*)@")
+
+
 def describe_url(database_url: str) -> str:
     """``postgresql://user@host:port/dbname`` of a libpq URL or conninfo string, without the password (missing parts
     as libpq defaults them: ``PGHOST``/``PGPORT``/... or the local socket and 5432)."""
     try:
         params = conninfo_to_dict(database_url)
-    except psycopg.Error:
-        return "postgresql://(unparsable URL)"
+    except psycopg.Error:  # libpq will refuse it and say why; name it as given, without the password
+        return _URL_PASSWORD.sub(r"\1@", database_url)
     env = os.environ
-    host = params.get("host") or params.get("hostaddr") or env.get("PGHOST") or "localhost-socket"
+    host = params.get("host") or params.get("hostaddr") or env.get("PGHOST") or "local-socket"
     port = params.get("port") or env.get("PGPORT") or "5432"
     user = params.get("user") or env.get("PGUSER") or ""
     dbname = params.get("dbname") or env.get("PGDATABASE") or user
@@ -58,7 +62,8 @@ def _password(database_url: str) -> str | None:
     try:
         return conninfo_to_dict(database_url).get("password") or None
     except psycopg.Error:
-        return None
+        found = _URL_PASSWORD.match(database_url)
+        return found.group(2) if found and found.group(2) else None
 
 
 class PostgresStore:
@@ -95,7 +100,9 @@ class PostgresStore:
 
     async def start(self) -> None:
         """Connect, apply missing migrations, open the pool. Raises :attr:`error` when the server cannot be reached
-        (its host, port and the driver's reason) or holds a newer schema."""
+        (its host, port and the driver's reason) or holds a newer schema. A no-op when already started."""
+        if self._pool is not None:
+            return
         try:
             conn = await AsyncConnection.connect(self.database_url, autocommit=True,
                                                  connect_timeout=max(1, round(self.timeout_s)))
@@ -154,6 +161,14 @@ class PostgresStore:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+def where_equal(**columns: object) -> tuple[str, list[object]]:
+    """`` WHERE a = %s AND b = %s`` over the columns whose value is not ``None`` (``""`` when none), and the
+    values."""
+    given = {name: value for name, value in columns.items() if value is not None}
+    sql = " WHERE " + " AND ".join(f"{name} = %s" for name in given) if given else ""
+    return sql, list(given.values())
 
 
 _NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")

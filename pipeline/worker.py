@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from contextlib import AsyncExitStack
 
@@ -125,11 +126,22 @@ async def ensure_output_topics(settings: AssemblerSettings) -> None:
                            max_request_size=settings.max_message_bytes + 64 * 1024)
 
 
+def tune_gc() -> None:
+    """Fewer garbage collections for a process that allocates millions of short-lived objects (canonical spans,
+    attribute maps, messages) next to a large long-lived state (open traces, the closed-trace LRU): the objects
+    alive after start-up move to the permanent generation (``gc.freeze``), and a young collection runs every 20,000
+    net allocations instead of 700. The envelope code creates no reference cycles, so memory is freed by reference
+    counting as before; the collector only finds cycles later."""
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = None) -> None:
     """``trace-source worker assemble``: Kafka when bootstrap servers are set, else the embedded log (then only
     one assembler may run per state dir, and ``serve`` should run with ``in_process`` off). Runs until ``stop`` or
     SIGTERM/SIGINT."""
     stop = stop or asyncio.Event()
+    tune_gc()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

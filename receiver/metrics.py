@@ -6,6 +6,9 @@ Names follow Prometheus conventions (``_total`` counters, base units: bytes, sec
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -18,6 +21,10 @@ class ReceiverMetrics:
 
     Labels: ``protocol`` (``http`` | ``grpc``), ``signal`` (``traces`` | ``logs``), ``status`` (HTTP status code as
     text; for gRPC the status code name), ``sink`` (``kafka`` | ``local-log``).
+
+    Under ``serve --workers`` (``PROMETHEUS_MULTIPROC_DIR`` set, see :mod:`trace_source.workers`) the values live
+    in that directory, one file set per process, and :meth:`render` reports them summed over all workers; the
+    in-flight gauge is then refreshed once a second (:meth:`refresh_forever`) and summed over live workers.
     """
 
     content_type = CONTENT_TYPE_LATEST
@@ -46,10 +53,30 @@ class ReceiverMetrics:
             ["sink"], registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.inflight_bytes = Gauge("trace_source_inflight_bytes",
-                                    "Bytes held by requests in flight plus bytes waiting in the sink.", registry=r)
-        if inflight_bytes_fn is not None:
+                                    "Bytes held by requests in flight plus bytes waiting in the sink.", registry=r,
+                                    multiprocess_mode="livesum")
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self._inflight_fn = inflight_bytes_fn
+        if inflight_bytes_fn is not None and not self.multiprocess:
             self.inflight_bytes.set_function(inflight_bytes_fn)
 
     def render(self) -> bytes:
         """Prometheus text exposition format (``content_type``)."""
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        self._refresh()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def _refresh(self) -> None:
+        if self._inflight_fn is not None:
+            self.inflight_bytes.set(self._inflight_fn())
+
+    async def refresh_forever(self, interval_s: float = 1.0) -> None:
+        """Multiprocess mode: keep this process's in-flight gauge current for the other workers' ``/metrics``."""
+        while True:
+            self._refresh()
+            await asyncio.sleep(interval_s)

@@ -201,11 +201,26 @@ def scan(buf: bytes, max_items: int | None = None) -> Wire:
                 continue
             scope = _Scope([], [])
             items = scope.items
-            for tag3, f3, _, e3 in _fields(buf, s2, e2):
+            # The items (spans / log records): this loop runs once per item, so the common field (tag 2, length
+            # below 128 or a longer varint) is decoded inline; any other field goes through _fields.
+            i = s2
+            while i < e2:
+                f3 = i
+                if buf[i] == _TAG_2:
+                    n = buf[i + 1]
+                    i += 2
+                    if n >= 0x80:
+                        n, i = _varint_rest(buf, i, n)
+                    i += n
+                    if i > e2:
+                        raise ScanError("field runs past its message")
+                    items.append((f3, i))
+                    continue
+                tag3, _, _, i = next(_fields(buf, f3, e2))
                 if tag3 == _TAG_2:
-                    items.append((f3, e3))
+                    items.append((f3, i))
                 else:
-                    scope.header.append(mv[f3:e3])
+                    scope.header.append(mv[f3:i])
             res.scopes.append(scope)
             count += len(items) + 1
             if count > limit:

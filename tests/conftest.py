@@ -118,47 +118,6 @@ async def kafka_topic(kafka_bootstrap: str, request: pytest.FixtureRequest) -> s
     return name
 
 
-# --------------------------------------------------------------------------- forges
-
-NO_GITEA_HELP = """\
-No Gitea for the forge tests: {reason}
-
-`make test` builds it once from the Go module proxy into ~/.cache/trace-source (about 9 minutes the first time);
-by hand: `python tests/forge_harness.py --build` (needs Go 1.26+), or set TRACE_SOURCE_TEST_GITEA to a Gitea or
-Forgejo binary with its options/ directory beside it."""
-
-
-@pytest.fixture(scope="session")
-def gitea(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GiteaServer]:
-    """A real Gitea server for the whole session (``tests/forge_harness.py``): SQLite in a temporary directory,
-    on a free loopback port, with an admin and its API token (``gitea.token``). Tests create their own
-    repositories (unique names) through its helpers."""
-    from forge_harness import GiteaError, GiteaServer
-
-    server = GiteaServer(workdir=tmp_path_factory.mktemp("gitea"))
-    try:
-        server.start()
-    except (GiteaError, OSError) as exc:
-        reason = str(exc)
-    else:
-        try:
-            yield server
-        finally:
-            server.stop()
-        return
-    pytest.fail(NO_GITEA_HELP.format(reason=reason), pytrace=False)
-
-
-@pytest.fixture
-def fake_github() -> Iterator[FakeGitHub]:
-    """The local stand-in for the hosted GitHub REST API (``tests/fake_github.py``), empty; a test adds
-    repositories (backed by git repositories on disk) and tokens."""
-    from fake_github import FakeGitHub
-
-    with FakeGitHub() as fake:
-        yield fake
-
-
 # --------------------------------------------------------------------------- Postgres
 
 DATABASE_URL_ENV = "TRACE_SOURCE_TEST_DATABASE_URL"
@@ -168,7 +127,8 @@ No Postgres server for the tests: {{reason}}
 
 Provide one in one of two ways:
   * set {DATABASE_URL_ENV}=postgresql://user:password@host:port/db to use a running
-    server (the user must be allowed to CREATE DATABASE: each test gets its own);
+    server (the user must be allowed to CREATE DATABASE: each test gets its own;
+    a test that stops its server still needs the second way);
   * install the server binaries (Debian: `apt-get install postgresql`, which `make test`
     does when it runs as root) so tests/postgres_harness.py can start a server itself
     (it looks in /usr/lib/postgresql/*/bin, `pg_config --bindir` and PATH)."""
@@ -232,3 +192,44 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
     url = postgres_harness.create_database(postgres_server_url, name)
     yield url
     postgres_harness.drop_database(postgres_server_url, name)
+
+
+# --------------------------------------------------------------------------- forges
+
+NO_GITEA_HELP = """\
+No Gitea for the forge tests: {reason}
+
+`make test` builds it once from the Go module proxy into ~/.cache/trace-source (about 9 minutes the first time);
+by hand: `python tests/forge_harness.py --build` (needs Go 1.26+), or set TRACE_SOURCE_TEST_GITEA to a Gitea or
+Forgejo binary with its options/ directory beside it."""
+
+
+@pytest.fixture(scope="session")
+def gitea(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GiteaServer]:
+    """A real Gitea server for the whole session (``tests/forge_harness.py``): SQLite in a temporary directory,
+    on a free loopback port, with an admin and its API token (``gitea.token``). Tests create their own
+    repositories (unique names) through its helpers."""
+    from forge_harness import GiteaError, GiteaServer
+
+    server = GiteaServer(workdir=tmp_path_factory.mktemp("gitea"))
+    try:
+        server.start()
+    except (GiteaError, OSError) as exc:
+        reason = str(exc)
+    else:
+        try:
+            yield server
+        finally:
+            server.stop()
+        return
+    pytest.fail(NO_GITEA_HELP.format(reason=reason), pytrace=False)
+
+
+@pytest.fixture
+def fake_github() -> Iterator[FakeGitHub]:
+    """The local stand-in for the hosted GitHub REST API (``tests/fake_github.py``), empty; a test adds
+    repositories (backed by git repositories on disk) and tokens."""
+    from fake_github import FakeGitHub
+
+    with FakeGitHub() as fake:
+        yield fake

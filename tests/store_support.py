@@ -14,33 +14,36 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A child process: reads its arguments (one JSON line) from stdin, sets up, prints ``ready`` and runs ``work`` only
-# after the parent says "go" on stdin, so every child has imported, connected and started before any begins to
-# work; then prints the result as one JSON line.
+# A child process: reads its arguments (one JSON line) from stdin, opens and starts the store ``args["store"]``
+# (``module:Class``) on ``args["target"]``, prints ``ready`` and runs ``work`` only after the parent says "go" on
+# stdin, so every child has imported, connected and started before any begins to work; then prints the result as
+# one JSON line.
 _PRELUDE = """\
-import asyncio, json, sys
+import asyncio, importlib, json, sys
 
 {body}
 
 async def _main():
     args = json.loads(sys.stdin.readline())
-    state = await setup(args)
+    module, name = args["store"].split(":")
+    store = getattr(importlib.import_module(module), name)(args["target"])
+    await store.start()
     print("ready", flush=True)
     sys.stdin.readline()
     try:
-        print(json.dumps(await work(state, args)), flush=True)
+        print(json.dumps(await work(store, args)), flush=True)
     finally:
-        await teardown(state)
+        await store.close()
 
 asyncio.run(_main())
 """
 
 
 def run_in_processes(body: str, args_per_process: list[dict], timeout_s: float = 120.0) -> list:
-    """Start one Python process per ``args_per_process`` item running ``body`` — source defining
-    ``async def setup(args) -> state``, ``async def work(state, args) -> JSON-able`` and
-    ``async def teardown(state)`` —, release them together once all are set up, and return their results in order.
-    Raises ``AssertionError`` with a child's stderr when one fails."""
+    """Start one Python process per ``args_per_process`` item (each with ``store``, ``module:Class`` of a ledger or
+    journal, and its ``target``) running ``body`` — source defining ``async def work(store, args) -> JSON-able``
+    —, release them together once all have started their store, and return their results in order. Raises
+    ``AssertionError`` with a child's stderr when one fails."""
     script = _PRELUDE.format(body=textwrap.dedent(body))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -245,6 +245,25 @@ def test_late_span_without_retained_records_gives_only_the_new_data():
     assert env.envelope_version == 2 and [s.span_id for s in env.spans] == [sid(1)]
 
 
+def test_retained_byte_budget_drops_the_records_of_the_least_recently_used_traces_first():
+    clock = FakeClock()
+    size = len(record(1, span(0, 0)).value)
+    core = make_core(clock, retained_bytes=3 * size)
+    for n in range(4):  # four closed traces, one record each; the budget keeps the records of three
+        feed(core, record(n + 1, span(n, 0)))
+        clock.advance(6)
+        core.acknowledge(core.due()[0])
+        if n == 2:
+            feed(core, record(10, span(0, 0)))  # a replayed duplicate makes trace 0 recently used again
+    held = [t for (_, t), info in core.lru.items() if info.records]  # least recently used first
+    assert held == [tid(2), tid(0), tid(3)] and core.retained_bytes == 3 * size
+    assert len(core.lru) == 4  # the stripped entry still knows its spans and version
+    feed(core, record(20, span(0, 1, parent=0)))  # late data of a trace whose records are held: whole version 2
+    clock.advance(301)
+    [v2] = core.due()
+    assert sorted(s.span_id for s in build(v2).spans) == [sid(0), sid(1)]
+
+
 def test_reopening_from_a_prior_envelope_merges_its_content():
     clock = FakeClock()
     core = make_core(clock)

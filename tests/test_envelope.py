@@ -6,6 +6,8 @@ import hashlib
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from normalizers.agent_run import AgentRun, LlmCall, Usage
@@ -431,3 +433,33 @@ def test_key_of_a_log_only_trace_covers_its_log_events_and_span_keys_ignore_logs
     assert one == expected
     span = CanonicalSpan(trace_id=trace_id, span_id="00f067aa0ba902b7", name="s", end_time_unix_nano=5)
     assert envelope_idempotency_key(trace_id, [span], [first]) == envelope_idempotency_key(trace_id, [span])
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | st.floats()
+    | st.text(alphabet=st.characters(codec="utf-8"), max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    | st.tuples(inner, inner), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(attrs=st.dictionaries(st.text(max_size=8), _json_values, max_size=5), extra=_json_values)
+def test_envelope_json_is_what_pydantic_writes(attrs, extra):
+    env = full_envelope()
+    env.spans[0].attributes.update(attrs)
+    env.agent_run.llm_calls.append(LlmCall(span_id="x", output_messages=[
+        {"role": "assistant", "parts": [{"type": "uri", "uri": "https://example.com/ü", "modality": extra}]}]))
+    assert env.to_json_bytes() == env.model_dump_json().encode()
+
+
+@pytest.mark.parametrize("odd", [2**64, {1: "non-string key"}, {"set"}, b"bytes", "lone \ud800 surrogate"])
+def test_values_orjson_does_not_write_like_pydantic_fall_back_to_pydantic(odd):
+    env = full_envelope()
+    env.spans[0].attributes["odd"] = odd
+    try:
+        expected = env.model_dump_json().encode()
+    except Exception as exc:  # noqa: BLE001 - then to_json_bytes must fail the same way
+        with pytest.raises(type(exc)):
+            env.to_json_bytes()
+    else:
+        assert env.to_json_bytes() == expected

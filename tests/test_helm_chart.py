@@ -60,7 +60,7 @@ or put any Helm 3.x/4.x `helm` on PATH."""
 # ServeSettings fields the chart sets from dedicated values, and those that only matter for the embedded local log
 # (which the chart does not offer). Every other field must be accepted under receiver.settings.
 CHART_MANAGED = {"host", "port", "grpc_port", "grpc_enabled", "kafka_bootstrap_servers", "kafka_topic",
-                 "auth_tokens", "shutdown_grace_s", "kafka_partitions", "kafka_replication_factor"}
+                 "auth_tokens", "shutdown_grace_s", "kafka_partitions", "kafka_replication_factor", "workers"}
 NOT_OFFERED = {"state_dir", "local_log_fsync", "auth_tokens_file", "kafka_create_topics"}
 
 # The same split for AssemblerSettings under assembler.settings: set by the chart from dedicated values, or only
@@ -251,6 +251,7 @@ def test_env_ports_and_command_are_wired(helm, monkeypatch):
     assert env["TRACE_SOURCE_KAFKA_BOOTSTRAP_SERVERS"] == BOOTSTRAP
     assert env["TRACE_SOURCE_KAFKA_TOPIC"] == "trace-source.spans"
     assert env["TRACE_SOURCE_SHUTDOWN_GRACE_S"] == "10"
+    assert env["TRACE_SOURCE_WORKERS"] == "1"  # not the app's default (the node's CPUs when the pod has no limit)
     assert "TRACE_SOURCE_AUTH_TOKENS" not in env
     assert all(isinstance(v, str) for v in env.values())  # env values must be strings for the API server
     # Every TRACE_SOURCE_* name the chart sets is a real serve setting.
@@ -260,6 +261,7 @@ def test_env_ports_and_command_are_wired(helm, monkeypatch):
     settings = settings_from_env(env, monkeypatch)
     assert (settings.host, settings.port, settings.grpc_port, settings.grpc_enabled) == ("0.0.0.0", 4319, 4317, True)
     assert settings.kafka_bootstrap_servers == BOOTSTRAP and settings.shutdown_grace_s == 10.0
+    assert settings.workers == 1
 
     assert {(p["name"], p["containerPort"]) for p in c["ports"]} == {("otlp-http", 4319), ("otlp-grpc", 4317)}
     service = named(objects, "Service", RECEIVER)

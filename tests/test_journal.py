@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from pipeline.journal import (
-    Journal, JournalError, JournalEvent, RunInfo, SourceRef, event_id, open_journal)
+from pipeline.journal import Journal, JournalError, JournalEvent, RunInfo, SourceRef, event_id, open_journal
 from pipeline.journal.jsonl import JsonlJournal
 from pipeline.journal.postgres import PostgresJournal
 from store_support import run_in_processes, set_schema_version
@@ -113,31 +112,22 @@ async def test_events_filter_by_trace_and_parent_run_and_keep_the_newest(journal
 
 
 _APPENDER = """
-    from pipeline.journal import JournalEvent
-    from pipeline.journal.jsonl import JsonlJournal
-    from pipeline.journal.postgres import PostgresJournal
+from pipeline.journal import JournalEvent
 
-    async def setup(args):
-        journal = PostgresJournal(args["target"]) if args["kind"] == "postgres" else JsonlJournal(args["target"])
-        await journal.start()
-        return journal
-
-    async def work(journal, args):
-        events = [JournalEvent.model_validate_json(e) for e in args["events"]]
-        new = 0
-        for i in range(0, len(events), 5):
-            new += await journal.append(events[i:i + 5])
-        return new
-
-    async def teardown(journal):
-        await journal.close()
+async def work(journal, args):
+    events = [JournalEvent.model_validate_json(e) for e in args["events"]]
+    new = 0
+    for i in range(0, len(events), 5):
+        new += await journal.append(events[i:i + 5])
+    return new
 """
+STORE = {"jsonl": "pipeline.journal.jsonl:JsonlJournal", "postgres": "pipeline.journal.postgres:PostgresJournal"}
 
 
 async def test_processes_appending_at_once_lose_nothing_and_duplicate_nothing(backend: Backend, journal: Journal):
     shared = [event(n, key="s") for n in range(100)]  # both append these: a redelivered outcome, say
     own = [[event(n, key=k) for n in range(100)] for k in ("a", "b")]
-    args = [{"kind": backend.kind, "target": backend.target,
+    args = [{"store": STORE[backend.kind], "target": backend.target,
              "events": [e.model_dump_json() for e in mine + shared]} for mine in own]
     new = await asyncio.to_thread(run_in_processes, _APPENDER, args)
     assert sum(new) == 300

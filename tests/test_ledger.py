@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -333,26 +333,17 @@ async def test_many_concurrent_claimers_of_one_key_get_exactly_one_lease(backend
 
 
 _CLAIMER = """
-    from pipeline.ledger import Acquired, RowInfo, stage_key
-    from pipeline.ledger.postgres import PostgresLedger
-    from pipeline.ledger.sqlite import SqliteLedger
+from pipeline.ledger import Acquired, RowInfo, stage_key
 
-    async def setup(args):
-        led = PostgresLedger(args["target"]) if args["kind"] == "postgres" else SqliteLedger(args["target"])
-        await led.start()
-        return led
-
-    async def work(led, args):
-        async def one(n):
-            info = RowInfo(stage="grade", trace_id=f"{n:032x}", envelope_key=f"{n:064x}", config_version="v1")
-            claim = await led.claim(stage_key("grade", f"{n:064x}", "v1"), info, args["owner"], 600.0)
-            return n if isinstance(claim, Acquired) else None
-        won = await asyncio.gather(*(one(n) for n in range(args["keys"])))
-        return [n for n in won if n is not None]
-
-    async def teardown(led):
-        await led.close()
+async def work(led, args):
+    async def one(n):
+        info = RowInfo(stage="grade", trace_id=f"{n:032x}", envelope_key=f"{n:064x}", config_version="v1")
+        claim = await led.claim(stage_key("grade", f"{n:064x}", "v1"), info, args["owner"], 600.0)
+        return n if isinstance(claim, Acquired) else None
+    won = await asyncio.gather(*(one(n) for n in range(args["keys"])))
+    return [n for n in won if n is not None]
 """
+STORE = {"sqlite": "pipeline.ledger.sqlite:SqliteLedger", "postgres": "pipeline.ledger.postgres:PostgresLedger"}
 
 
 async def test_claimers_in_several_processes_acquire_each_key_once(backend: Backend, ledger: Ledger):
@@ -360,7 +351,8 @@ async def test_claimers_in_several_processes_acquire_each_key_once(backend: Back
     for n in range(0, keys, 2):  # half the keys exist, released: a race to take them over, not to insert
         await ledger.claim(key(n), info(n), "earlier", LONG)
         await ledger.release(key(n), "earlier")
-    args = [{"kind": backend.kind, "target": backend.target, "owner": f"proc-{i}", "keys": keys} for i in range(4)]
+    args = [{"store": STORE[backend.kind], "target": backend.target, "owner": f"proc-{i}", "keys": keys}
+            for i in range(4)]
     won = await asyncio.to_thread(run_in_processes, _CLAIMER, args)
     all_won = sorted(n for per_process in won for n in per_process)
     assert all_won == list(range(keys))  # every key acquired, none twice
@@ -400,6 +392,10 @@ async def test_an_unreachable_database_is_a_clear_error_without_the_password(pos
     assert "password authentication failed" in str(err.value)
     password = wrong.split("postgres:", 1)[1].split("@", 1)[0]
     assert password not in str(err.value)
+
+    with pytest.raises(LedgerError) as err:  # libpq's own complaint about the URL would quote the password
+        await PostgresLedger(f"postgresql://trace:s3cr3t%zz-pw@127.0.0.1:{port}/ledger").start()
+    assert "percent-encoded" in str(err.value) and "s3cr3t" not in str(err.value)
 
 
 async def test_a_ledger_used_before_start_or_after_its_server_is_gone_raises_ledger_error(postgres_server_factory):

@@ -140,8 +140,13 @@ def serve(config: Path | None, **flags) -> None:
     from pipeline.journal import JournalError
     from pipeline.ledger import LedgerError
 
+    from trace_source.workers import supervise, worker_count
+
     configure(settings.log_level, settings.log_format)
     try:
+        workers = worker_count(settings)
+        if workers > 1:
+            sys.exit(supervise(settings, workers))
         asyncio.run(run(settings, loop_settings=loop_settings))
     except (OSError, SinkUnavailable, KafkaError, LedgerError, JournalError) as exc:  # start-up failures
         raise click.ClickException(f"cannot start: {exc}") from None

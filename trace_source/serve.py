@@ -95,11 +95,13 @@ async def _start_embedded_loop(settings: ServeSettings, loop_settings, metrics: 
 
 
 async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loop_settings=None,
-              on_serving=None) -> None:
+              worker: int | None = None, on_ready=None, on_serving=None) -> None:
     """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT. ``loop_settings``: a
     :class:`pipeline.loop_settings.LoopSettings` for the embedded default's in-process stages (``None``: the
-    receiver and assembler only). ``on_serving(http_port, grpc_port)``: called once everything is up (``autoloop``
-    records the ports)."""
+    receiver and assembler only). ``worker``: this process's index under ``serve --workers``
+    (:mod:`trace_source.workers`): both ports are bound with ``SO_REUSEPORT``, the ready line is ``worker
+    serving``, and ``on_ready()`` is called once serving. ``on_serving(http_port, grpc_port)``: called once
+    serving, with the bound ports (``autoloop`` records them)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -130,7 +132,7 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
     runner = web.AppRunner(http.app(), auto_decompress=False, access_log=None,
                            shutdown_timeout=settings.shutdown_grace_s)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, reuse_port=worker is not None)
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]  # the real port when --port 0
 
@@ -152,17 +154,24 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
         await sink.stop()
         raise
 
-    # One machine-readable line tests and scripts wait for; humans read the same fields.
-    log.info("serving", http=f"http://{settings.host}:{http_port}", grpc=(
-        f"{settings.host}:{grpc_port}" if grpc_port else None), sink=sink.describe(), auth=auth.enabled,
-        http_port=http_port, grpc_port=grpc_port, stages=stages.names if stages is not None else [],
-        policy=loop_settings.execution_policy if loop_settings is not None else None)
+    refresh = asyncio.create_task(metrics.refresh_forever()) if metrics.multiprocess else None
+    # One machine-readable line tests and scripts wait for; humans read the same fields. Under --workers the
+    # supervisor writes it once every worker is up.
+    log.info("serving" if worker is None else "worker serving", worker=worker,
+             http=f"http://{settings.host}:{http_port}", grpc=f"{settings.host}:{grpc_port}" if grpc_port else None,
+             sink=sink.describe(), auth=auth.enabled, http_port=http_port, grpc_port=grpc_port,
+             stages=stages.names if stages is not None else [],
+             policy=loop_settings.execution_policy if loop_settings is not None else None)
+    if on_ready is not None:
+        on_ready()
     if on_serving is not None:
         on_serving(http_port, grpc_port)
     try:
         await stop.wait()
     finally:
-        log.info("shutting down", grace_s=settings.shutdown_grace_s)
+        if refresh is not None:
+            refresh.cancel()
+        log.info("shutting down", grace_s=settings.shutdown_grace_s, worker=worker)
         http.shutting_down = True
         # Both servers stop accepting at once and drain their in-flight requests concurrently.
         await asyncio.gather(runner.cleanup(), *(

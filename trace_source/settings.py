@@ -83,6 +83,9 @@ class ServeSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "console"] = Field("json", description="Log format.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time to drain in-flight requests on SIGTERM.")
+    workers: int | None = Field(None, ge=1, description=(
+        "Receiver processes sharing the ports (SO_REUSEPORT), each with its own Kafka producer (default: the CPUs "
+        "available to the container). Kafka only: the embedded log always runs one process."))
 
     @field_validator("auth_tokens", mode="before")
     @classmethod

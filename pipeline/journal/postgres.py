@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from pipeline.journal import JournalError, JournalEvent
-from pipeline.postgres_store import PostgresStore, jsonb_safe
+from pipeline.postgres_store import PostgresStore, jsonb_safe, where_equal
 
 #: Schema scripts; ``MIGRATIONS[i]`` takes the journal from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[str, ...] = (
@@ -76,21 +76,15 @@ class PostgresJournal(PostgresStore):
     async def append(self, events: list[JournalEvent]) -> int:
         if not events:
             return 0
-        async with self.connection() as conn:  # one transaction: all of the call's new events or none
+        # One transaction: all of the call's new events or none (a single event is one statement anyway).
+        async with self.connection(transaction=len(events) > 1) as conn:
             cur = conn.cursor()
             await cur.executemany(_INSERT, [_params(e) for e in events])
             return cur.rowcount
 
     async def events(self, *, trace_id: str | None = None, limit: int | None = None,
                      parent_run_id: str | None = None) -> list[JournalEvent]:
-        where, params = [], []  # type: list[str], list[Any]
-        if trace_id is not None:
-            where.append("trace_id = %s")
-            params.append(trace_id)
-        if parent_run_id is not None:
-            where.append("parent_run_id = %s")
-            params.append(parent_run_id)
-        where_sql = " WHERE " + " AND ".join(where) if where else ""
+        where_sql, params = where_equal(trace_id=trace_id, parent_run_id=parent_run_id)
         if limit:  # the newest ``limit``, returned oldest first
             sql = (f"SELECT seq, body FROM (SELECT seq, body FROM journal{where_sql} ORDER BY seq DESC LIMIT %s) "
                    "AS newest ORDER BY seq")

@@ -3,7 +3,8 @@
 Same behaviour as :class:`pipeline.ledger.sqlite.SqliteLedger`, made safe for many workers on many machines:
 
 * **claim** first tries ``INSERT ... ON CONFLICT (stage_key) DO NOTHING`` (a new key: one statement, the row is
-  ours). When the row exists, one transaction locks it with ``SELECT ... FOR UPDATE``, applies the shared rule
+  ours), then reads the row (terminal: :class:`~pipeline.ledger.Finished`, the redelivery case, without a lock).
+  Otherwise one transaction locks it with ``SELECT ... FOR UPDATE``, applies the shared rule
   :func:`pipeline.ledger.decide_claim` and updates it; concurrent claimers of one key queue on the row lock, so
   exactly one of them acquires it.
 * **renew / complete / fail / release** are single ``UPDATE ... WHERE state = 'claimed' AND lease_owner = %s``
@@ -23,9 +24,9 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from pipeline.ledger import (
-    Acquired, ClaimResult, Completion, Finished, Held, LeaseLost, LedgerError, LedgerRow, RowInfo, decide_claim,
+    TERMINAL, Acquired, ClaimResult, Completion, Finished, Held, LeaseLost, LedgerError, LedgerRow, RowInfo, decide_claim,
     decode_headers, encode_headers)
-from pipeline.postgres_store import PostgresStore, text_safe
+from pipeline.postgres_store import PostgresStore, text_safe, where_equal
 
 #: Schema scripts; ``MIGRATIONS[i]`` takes the ledger from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[str, ...] = (
@@ -82,9 +83,8 @@ class PostgresLedger(PostgresStore):
     error = LedgerError
 
     @staticmethod
-    async def _get(conn: AsyncConnection, key: str, *, lock: bool = False) -> LedgerRow | None:
-        cur = await conn.execute(f"SELECT {_COLUMNS} FROM stage_runs WHERE stage_key = %s"
-                                 + (" FOR UPDATE" if lock else ""), (key,))
+    async def _get(conn: AsyncConnection, key: str) -> LedgerRow | None:
+        cur = await conn.execute(f"SELECT {_COLUMNS} FROM stage_runs WHERE stage_key = %s", (key,))
         return _row(await cur.fetchone())
 
     async def claim(self, key: str, info: RowInfo, owner: str, lease_s: float) -> ClaimResult:
@@ -98,9 +98,17 @@ class PostgresLedger(PostgresStore):
                  info.input_topic, info.input_partition, info.input_offset))
             if (inserted := _row(await cur.fetchone())) is not None:
                 return Acquired(inserted)
+            # A terminal row stays terminal until a reprocess reopens it, so a redelivery (the common case here)
+            # needs neither a lock nor a transaction.
+            if (row := await self._get(conn, key)) is not None and row.state in TERMINAL:
+                return Finished(row)
         async with self.connection() as conn:
-            row = await self._get(conn, key, lock=True)
-            now = await self._now(conn)
+            # now() is the transaction's start, the same in every statement of it; taken before any wait for the
+            # row lock, so it can only be early: that delays a take-over, never allows one too soon.
+            cur = await conn.execute(f"SELECT {_COLUMNS}, extract(epoch FROM now())::float8 FROM stage_runs "
+                                     "WHERE stage_key = %s FOR UPDATE", (key,))
+            values = await cur.fetchone()
+            row, now = (None, 0.0) if values is None else (_row(values[:-1]), values[-1])
             decision = decide_claim(row, owner, now)
             if decision == "finished":
                 return Finished(row)
@@ -113,12 +121,6 @@ class PostgresLedger(PostgresStore):
                 f"attempts = attempts + 1, updated_at = now() WHERE stage_key = %s RETURNING {_COLUMNS}",
                 (owner, lease_s, key))
             return Acquired(_row(await cur.fetchone()))
-
-    @staticmethod
-    async def _now(conn: AsyncConnection) -> float:
-        """The transaction's ``now()`` as unix seconds (the server's clock)."""
-        cur = await conn.execute("SELECT extract(epoch FROM now())::float8")
-        return (await cur.fetchone())[0]
 
     async def _owned_update(self, key: str, owner: str, assignments: str, params: tuple) -> LedgerRow:
         """``UPDATE`` the row if ``owner`` holds its claim; else raise :class:`LeaseLost` naming the holder."""
@@ -167,17 +169,8 @@ class PostgresLedger(PostgresStore):
 
     async def rows(self, *, trace_id: str | None = None, stage: str | None = None,
                    limit: int = 1000) -> list[LedgerRow]:
-        where, params = [], []  # type: list[str], list[Any]
-        if trace_id is not None:
-            where.append("trace_id = %s")
-            params.append(trace_id)
-        if stage is not None:
-            where.append("stage = %s")
-            params.append(stage)
-        sql = f"SELECT {_COLUMNS} FROM stage_runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY updated_at DESC, stage_key LIMIT %s"
+        where, params = where_equal(trace_id=trace_id, stage=stage)
+        sql = f"SELECT {_COLUMNS} FROM stage_runs{where} ORDER BY updated_at DESC, stage_key LIMIT %s"
         async with self.connection(transaction=False) as conn:
             cur = await conn.execute(sql, (*params, limit))
             return [_row(r) for r in await cur.fetchall()]
