@@ -50,6 +50,27 @@ _REPO_URL_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*://(?:[^@/\s]+@)?[^/\s]+/|(?:[^
                           r"(?P<path>[^\s?#]+?)(?:\.git)?/?$")
 
 
+class IdempotencyKeyMismatch(ValueError):
+    """An envelope whose ``idempotency_key`` is not :func:`envelope_idempotency_key` of its trace id and spans
+    (raised inside :class:`Envelope` validation; ``pydantic.ValidationError.errors()`` carries it as
+    ``ctx["error"]``). ``given`` / ``expected``: the two keys."""
+
+    def __init__(self, given: str, expected: str) -> None:
+        super().__init__(f"idempotency_key {given!r} does not match the trace id and spans (expected {expected!r})")
+        self.given = given
+        self.expected = expected
+
+
+def key_mismatch(exc: Exception) -> IdempotencyKeyMismatch | None:
+    """The :class:`IdempotencyKeyMismatch` inside a ``pydantic.ValidationError`` of :class:`Envelope`, if that is
+    what failed."""
+    errors = getattr(exc, "errors", None)
+    for e in (errors() if callable(errors) else ()):
+        if isinstance((e.get("ctx") or {}).get("error"), IdempotencyKeyMismatch):
+            return e["ctx"]["error"]
+    return None
+
+
 def envelope_idempotency_key(trace_id: str, spans: Iterable[CanonicalSpan],
                              log_events: Iterable[CanonicalLogEvent] = ()) -> str:
     """Envelope-level idempotency key: 64 lowercase hex characters (SHA-256), see DESIGN.md "Idempotency keys".
@@ -235,8 +256,7 @@ class Envelope(BaseModel):
                 raise ValueError(f"log event belongs to trace {e.trace_id!r}, not {self.trace_id!r}")
         expected = envelope_idempotency_key(self.trace_id, self.spans, self.log_events)
         if self.idempotency_key != expected:
-            raise ValueError(f"idempotency_key {self.idempotency_key!r} does not match the trace id and spans "
-                             f"(expected {expected!r})")
+            raise IdempotencyKeyMismatch(self.idempotency_key, expected)
         return self
 
     def to_json_bytes(self) -> bytes:

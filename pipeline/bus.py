@@ -10,10 +10,10 @@ Offsets follow Kafka's convention everywhere: a committed offset is the *next* o
 
 from __future__ import annotations
 
-import base64
-import json
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
+
+from sinks.local_log import decode_headers, encode_headers  # noqa: F401 - the stored form, re-exported
 
 #: Headers as Kafka carries them: (name, value bytes), order kept, names may repeat.
 Headers = Sequence[tuple[str, bytes]]
@@ -111,16 +111,3 @@ class BusPublishError(Exception):
 class RecordTooLargeError(BusPublishError):
     """The destination refused the record for its size (e.g. a topic ``max.message.bytes`` below the publisher's
     ``max_message_bytes``). Retrying the same bytes cannot succeed; store the body aside instead (claim check)."""
-
-
-def encode_headers(headers: Headers) -> str:
-    """Headers as stored outside Kafka (embedded log, ledger): JSON ``[[name, base64 value], ...]``, order and
-    repeats kept."""
-    return json.dumps([[k, base64.b64encode(v).decode()] for k, v in headers])
-
-
-def decode_headers(text: str | None) -> tuple[tuple[str, bytes], ...]:
-    """Inverse of :func:`encode_headers` (``None`` or ``""`` -> ``()``). Raises ``ValueError`` for other text."""
-    if not text:
-        return ()
-    return tuple((k, base64.b64decode(v)) for k, v in json.loads(text))

@@ -14,6 +14,7 @@ Pure and CPU-bound (the assembler runs it in a worker thread). Raises whatever v
 from __future__ import annotations
 
 from collections import Counter
+from typing import Iterable
 
 from normalizers.agent_run import build_agent_run
 from normalizers.canonical import (CanonicalLogEvent, CanonicalSpan, log_event_identity, log_events_from_logs_data,
@@ -47,9 +48,26 @@ def collect(closed: ClosedTrace) -> tuple[list[CanonicalSpan], list[CanonicalLog
             old = spans.get(s.span_id)
             if old is None or s.end_time_unix_nano > old.end_time_unix_nano:
                 spans[s.span_id] = s
-    ordered_spans = sorted(spans.values(), key=lambda s: (s.start_time_unix_nano, s.span_id))
-    ordered_logs = sorted(logs.values(), key=lambda e: (e.time_unix_nano or e.observed_time_unix_nano, log_event_identity(e)))
-    return ordered_spans, ordered_logs
+    return unique_spans(spans.values()), unique_log_events(logs.values())
+
+
+def unique_spans(spans: Iterable[CanonicalSpan]) -> list[CanonicalSpan]:
+    """One span per span id — the copy that ends latest, the first one on ties (the rule the assembler's buffers
+    dedupe with) — ordered by start time, then span id."""
+    kept: dict[str, CanonicalSpan] = {}
+    for s in spans:
+        old = kept.get(s.span_id)
+        if old is None or s.end_time_unix_nano > old.end_time_unix_nano:
+            kept[s.span_id] = s
+    return sorted(kept.values(), key=lambda s: (s.start_time_unix_nano, s.span_id))
+
+
+def unique_log_events(events: Iterable[CanonicalLogEvent]) -> list[CanonicalLogEvent]:
+    """One log event per :func:`~normalizers.canonical.log_event_identity` (the first), ordered by time."""
+    kept: dict[tuple, CanonicalLogEvent] = {}
+    for e in events:
+        kept.setdefault(log_event_identity(e), e)
+    return sorted(kept.values(), key=lambda e: (e.time_unix_nano or e.observed_time_unix_nano, log_event_identity(e)))
 
 
 def build_envelope(closed: ClosedTrace, *, assembled_at_ns: int, redactor: Redactor | None = None,
@@ -61,22 +79,7 @@ def build_envelope(closed: ClosedTrace, *, assembled_at_ns: int, redactor: Redac
     attributes (``normalizers.envelope.repository_from``).
     """
     spans, logs = collect(closed)
-    report = RedactionReport()
-    if redactor is not None:
-        spans, logs, report = redactor.redact(spans, logs)
     prior = closed.prior
-    if prior is not None and prior.redaction.masking_applied:
-        # Masks already in the prior content are not counted again; carry its counts over.
-        masked = Counter(report.masked)
-        masked.update(prior.redaction.masked)
-        report = report.model_copy(update={
-            "masking_applied": True, "masked": dict(sorted(masked.items())),
-            "dropped_by_allow_list": report.dropped_by_allow_list + prior.redaction.dropped_by_allow_list,
-            "dropped_by_deny_list": report.dropped_by_deny_list + prior.redaction.dropped_by_deny_list})
-
-    root = next((s for s in spans if not s.parent_span_id), None) or next((s for s in spans if s.is_local_root), None)
-    resource = (root or (spans[0] if spans else None) or (logs[0] if logs else None))
-    resource_attrs = dict(resource.resource) if resource is not None else {}
     received = [r.received_at_ns for r in closed.records if r.received_at_ns > 0]
     if prior is not None:
         received.append(prior.received_at_unix_nano)
@@ -84,16 +87,47 @@ def build_envelope(closed: ClosedTrace, *, assembled_at_ns: int, redactor: Redac
     source = Source(
         id=(first.source_id if first and first.source_id else (prior.source.id if prior else DEFAULT_SOURCE_ID)),
         kind=(first.transport if first and first.transport else (prior.source.kind if prior else DEFAULT_SOURCE_KIND)))
+    return envelope_from_spans(
+        closed.trace_id, spans, logs, source=source, version=closed.version, closed_reason=closed.reason,
+        received_at_ns=min(received) if received else assembled_at_ns, assembled_at_ns=assembled_at_ns,
+        redactor=redactor, repository=repository,
+        prior_redaction=prior.redaction if prior is not None else None)
+
+
+def envelope_from_spans(trace_id: str, spans: list[CanonicalSpan], logs: list[CanonicalLogEvent], *, source: Source,
+                        version: int, closed_reason: str, received_at_ns: int, assembled_at_ns: int,
+                        redactor: Redactor | None = None, repository: str | None = None,
+                        prior_redaction: RedactionReport | None = None) -> Envelope:
+    """The envelope of one complete trace: ``spans`` / ``logs`` already one per id and ordered (:func:`collect`,
+    :func:`unique_spans`); redaction first, then the agent-run view over the redacted content, the idempotency key
+    and the completeness (root seen / local). Used by the assembler and by the pulled sources
+    (``pipeline.sources``), whose runs are complete when read. ``prior_redaction``: counts already in content
+    carried over from an earlier version (not counted again)."""
+    report = RedactionReport()
+    if redactor is not None:
+        spans, logs, report = redactor.redact(spans, logs)
+    if prior_redaction is not None and prior_redaction.masking_applied:
+        # Masks already in the prior content are not counted again; carry its counts over.
+        masked = Counter(report.masked)
+        masked.update(prior_redaction.masked)
+        report = report.model_copy(update={
+            "masking_applied": True, "masked": dict(sorted(masked.items())),
+            "dropped_by_allow_list": report.dropped_by_allow_list + prior_redaction.dropped_by_allow_list,
+            "dropped_by_deny_list": report.dropped_by_deny_list + prior_redaction.dropped_by_deny_list})
+
+    root = next((s for s in spans if not s.parent_span_id), None) or next((s for s in spans if s.is_local_root), None)
+    resource = (root or (spans[0] if spans else None) or (logs[0] if logs else None))
+    resource_attrs = dict(resource.resource) if resource is not None else {}
     return Envelope(
-        idempotency_key=envelope_idempotency_key(closed.trace_id, spans, logs),
-        envelope_version=closed.version,
-        trace_id=closed.trace_id,
+        idempotency_key=envelope_idempotency_key(trace_id, spans, logs),
+        envelope_version=version,
+        trace_id=trace_id,
         source=source,
         repository=repository_from(repository, resource_attrs),
-        received_at_unix_nano=min(received) if received else assembled_at_ns,
+        received_at_unix_nano=received_at_ns,
         assembled_at_unix_nano=assembled_at_ns,
         completeness=Completeness(root_seen=root is not None, root_is_local=root is not None and root.is_local_root,
-                                  closed_reason=closed.reason),
+                                  closed_reason=closed_reason),
         resource=resource_attrs,
         spans=spans,
         log_events=logs,

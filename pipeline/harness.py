@@ -74,18 +74,28 @@ def _same_process(info: dict) -> bool:
     return recorded is None or now is None or recorded == now
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs. A zombie (exited, not yet reaped) counts as gone: a child of ours is reaped
+    here, another process's zombie is recognized by its ``/proc`` state."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:  # a zombie child of ours counts as gone
+    try:
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
     except ChildProcessError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+    except (OSError, ValueError, IndexError):
         return True
+
+
+_alive = process_alive
 
 
 def _kill_group(pid: int) -> None:

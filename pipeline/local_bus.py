@@ -21,9 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping
@@ -36,54 +33,12 @@ from sinks.base import (
     HEADER_TRANSPORT,
     SPANS_TOPIC,
 )
+from sinks.file_view import atomic_write_bytes, file_name, topic_dir, view_path  # noqa: F401 - re-exported
 from pipeline.group_commit import GroupWriter
 from sinks.local_log import LOG_FILENAME, LocalLogAppender, LocalLogReader
 from pipeline.bus import BusPublishError, BusRecord, Headers, PartitionListener, decode_headers, encode_headers
 
 JSON_CONTENT_TYPE = "application/json"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically and durably: readers see the old file or the new one, never a mix.
-
-    Creates missing parent directories. ``sync_dir=False`` leaves the directory's fsync (which makes the rename
-    durable) to the caller, who may do it once for many files. Raises ``OSError`` (disk full, permissions); the temp
-    file is removed then.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if not sync_dir:
-        return
-    # The rename itself is durable only once the directory entry is.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def topic_dir(topic: str) -> str:
-    """Directory name of an output topic: ``trace-source.traces`` -> ``traces``."""
-    return _UNSAFE.sub("_", topic.removeprefix("trace-source."))
-
-
-def file_name(key: bytes | None) -> str:
-    """File name (without ``.json``) for a record key; unsafe characters become ``_``."""
-    text = "null" if key is None else key.decode("utf-8", errors="replace")
-    return _UNSAFE.sub("_", text) or "_"
 
 
 class LocalLogConsumer:
@@ -168,7 +123,7 @@ class LocalFilePublisher:
 
     def path_for(self, topic: str, key: bytes | None) -> Path:
         """Where ``publish(topic, key, ...)`` writes."""
-        return self.root / topic_dir(topic) / f"{file_name(key)}.json"
+        return view_path(self.root, topic, key)
 
     async def start(self) -> None:
         return None

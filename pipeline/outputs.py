@@ -33,14 +33,11 @@ from pathlib import Path
 from normalizers.envelope import Envelope
 from pipeline.bus import BusPublisher, BusRecord, Headers, RecordTooLargeError
 from pipeline.local_bus import JSON_CONTENT_TYPE, atomic_write_bytes, file_name
+from sinks.envelopes import (  # noqa: F401 - one definition of the traces topic's record form, re-exported
+    HEADER_CLOSED_REASON, HEADER_CONTENT_TYPE, HEADER_ENVELOPE_VERSION, HEADER_IDEMPOTENCY_KEY, TRACES_TOPIC,
+    envelope_headers)
 
-TRACES_TOPIC = "trace-source.traces"
 DLQ_TOPIC = "trace-source.dlq"
-
-HEADER_IDEMPOTENCY_KEY = "idempotency-key"
-HEADER_ENVELOPE_VERSION = "envelope-version"
-HEADER_CLOSED_REASON = "closed-reason"
-HEADER_CONTENT_TYPE = "content-type"
 HEADER_CLAIM_CHECK = "claim-check"
 HEADER_ERROR = "error"
 CLAIM_CHECK_CONTENT_TYPE = "application/vnd.trace-source.claim-check+json"
@@ -131,12 +128,9 @@ class EnvelopeOutput(DeadLetters):
     async def publish(self, envelope: Envelope) -> Published:
         key = envelope.trace_id.encode("ascii")
         value = envelope.to_json_bytes()
-        headers = [
-            (HEADER_IDEMPOTENCY_KEY, envelope.idempotency_key.encode()),
-            (HEADER_ENVELOPE_VERSION, str(envelope.envelope_version).encode()),
-            (HEADER_CLOSED_REASON, envelope.completeness.closed_reason.encode()),
-            ("source-id", envelope.source.id.encode()),
-        ]
+        headers = envelope_headers(idempotency_key=envelope.idempotency_key,
+                                   envelope_version=envelope.envelope_version,
+                                   closed_reason=envelope.completeness.closed_reason, source_id=envelope.source.id)
         if not self._too_large(key, value, headers):
             try:
                 delivered = await self.publisher.publish(self.topic, key, value,

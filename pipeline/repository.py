@@ -53,6 +53,7 @@ class Repository:
     def __init__(self, repo: str | Path, state_dir: str | Path, *, ref: str = "HEAD") -> None:
         self.spec = str(repo)
         self.ref = ref
+        self.state_dir = Path(state_dir)
         if is_url(self.spec):
             digest = hashlib.sha256(self.spec.encode()).hexdigest()[:16]
             self.path = Path(state_dir) / "repos" / digest
@@ -110,11 +111,17 @@ class Repository:
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if commit is None:
-            shutil.copytree(self.path, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+            shutil.copytree(self.path, dest, symlinks=True, ignore=self._not_copied)
             return dest
         git("clone", "--quiet", "--shared", "--no-checkout", str(self.path), str(dest))
         git("checkout", "--quiet", "--detach", commit, cwd=dest)
         return dest
+
+    def _not_copied(self, directory: str, names: list[str]) -> set[str]:
+        """``.git``, and the state dir when it lies inside the repository (``autoloop``'s default
+        ``<repo>/.trace-source``): a working copy is made inside it, so copying it would copy the copy."""
+        state = self.state_dir.resolve()
+        return {n for n in names if n == ".git" or (Path(directory) / n).resolve() == state}
 
     async def aworking_copy(self, dest: Path, commit: str | None) -> Path:
         return await asyncio.to_thread(self.working_copy, dest, commit)

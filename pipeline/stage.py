@@ -39,8 +39,9 @@ HEADER_CONTENT_TYPE = "content-type"
 #: Set on a record ``trace-source reprocess`` put back on a stage's input topic (value: the reason).
 HEADER_REPROCESS = "reprocess"
 #: Optional on an envelope record: what brought it in (``import``, ``sync``, ``upload``, ``autoloop``); the grade
-#: stage records it as the run's trigger. Without it the trigger follows the envelope's source kind.
-HEADER_TRIGGER = "trace-source-trigger"
+#: stage records it as the run's trigger. Without it the trigger follows the envelope's source kind. Defined with
+#: the traces topic's record form in ``sinks.envelopes``.
+from sinks.envelopes import HEADER_TRIGGER  # noqa: E402,F401
 
 #: Resource attributes the reproduce stage gives a harness run (through ``OTEL_RESOURCE_ATTRIBUTES``), so that the
 #: reproduction's own trace is graded as a run of its own whose parent is the run it reproduces — and never

@@ -1,8 +1,9 @@
 """Receiver error types: one class per client-visible failure, each knowing its HTTP status and gRPC code.
 
-Raised by the pure decoding modules (``receiver.decompress``, ``receiver.otlp_json``) and turned into responses by
-the servers: HTTP answers ``http_status`` with a ``google.rpc.Status`` body (``receiver.status.status_body``), gRPC
-aborts with ``grpc_code``. Codes are ``google.rpc.Code`` numbers (spec §"Failures"; reference otlp-receiver.md §1.4).
+Raised by the pure decoding modules (``receiver.decompress``, ``receiver.otlp_json`` wrapping
+``normalizers.otlp_json``) and turned into responses by the servers: HTTP answers ``http_status`` with a
+``google.rpc.Status`` body (``receiver.status.status_body``), gRPC aborts with ``grpc_code``. Codes are
+``google.rpc.Code`` numbers (spec §"Failures"; reference otlp-receiver.md §1.4).
 
 Only client errors live here. Every class is a ``ReceiverError``, so a caller can catch that one base and be sure
 it never turns bad input into a 500.

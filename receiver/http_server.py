@@ -63,8 +63,10 @@ class HttpReceiver:
     def __init__(self, service: ExportService, auth: Authenticator, metrics: ReceiverMetrics, *,
                  max_body_bytes: int, cors_allowed_origins: list[str] | None = None,
                  cors_allowed_headers: list[str] | None = None, cors_max_age_s: int = 7200,
-                 read_timeout_s: float = 60.0) -> None:
+                 read_timeout_s: float = 60.0, envelopes=None) -> None:
         self.service = service
+        #: ``POST /v1/envelopes`` (a :class:`receiver.envelopes.EnvelopeUpload`), when serve offers uploads.
+        self.envelopes = envelopes
         self.auth = auth
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -87,6 +89,8 @@ class HttpReceiver:
             app.router.add_route("POST", path, self._export)
             app.router.add_route("OPTIONS", path, self._preflight)
             app.router.add_route("*", path, self._method_not_allowed)
+        if self.envelopes is not None:
+            self.envelopes.add_routes(app)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)

@@ -17,7 +17,9 @@ Read path: :class:`LocalLogReader` is synchronous and may run in another process
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import queue
 import sqlite3
 import threading
@@ -37,8 +39,9 @@ DEFAULT_STATE_DIR = ".trace-source"
 #: File name of the log inside the state dir.
 LOG_FILENAME = "spans.db"
 #: ``PRAGMA user_version`` of the schema below; a file with a higher version was written by a newer release.
-#: Version 2 added ``records.headers`` (the pipeline's stage topics carry arbitrary Kafka-style headers).
-SCHEMA_VERSION = 2
+#: Version 2 added ``records.headers`` (the pipeline's stage topics carry arbitrary Kafka-style headers); version 3
+#: the ``idempotency_keys`` table (:meth:`LocalLogAppender.append_once`).
+SCHEMA_VERSION = 3
 
 # How long a connection waits for another connection's write lock (the sink's writer vs. a reader committing a
 # group offset) before failing with "database is locked".
@@ -64,6 +67,13 @@ CREATE TABLE group_offsets (
     "offset" INTEGER NOT NULL,
     PRIMARY KEY (group_id, topic)
 ) WITHOUT ROWID;
+CREATE TABLE idempotency_keys (
+    topic TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    "offset" INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (topic, idempotency_key)
+) WITHOUT ROWID;
 """
 
 _INSERT = (
@@ -74,8 +84,14 @@ _SELECT = (
     'SELECT "offset", topic, key, value, signal, source_id, received_at_ns, content_type, transport, headers'
     ' FROM records'
 )
+_APPEND = ("INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type, transport,"
+           " headers) VALUES (?, ?, ?, '', ?, ?, ?, '', ?)")
 #: Upgrades from the version in the key to the next one.
-_MIGRATIONS = {1: "ALTER TABLE records ADD COLUMN headers TEXT"}
+_MIGRATIONS = {
+    1: "ALTER TABLE records ADD COLUMN headers TEXT",
+    2: 'CREATE TABLE idempotency_keys (topic TEXT NOT NULL, idempotency_key TEXT NOT NULL, "offset" INTEGER NOT NULL,'
+       ' result TEXT NOT NULL, PRIMARY KEY (topic, idempotency_key)) WITHOUT ROWID',
+}
 
 
 def _connect(path: Path, *, create: bool, check_same_thread: bool = True) -> sqlite3.Connection:
@@ -128,6 +144,19 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
             with contextlib.suppress(sqlite3.Error):  # keep the original error
                 conn.execute("ROLLBACK")
         raise
+
+
+def encode_headers(headers) -> str:
+    """Headers as stored outside Kafka (this log's ``headers`` column, the ledger): JSON
+    ``[[name, base64 value], ...]`` of ``(name, value bytes)`` pairs, order and repeats kept."""
+    return json.dumps([[k, base64.b64encode(v).decode()] for k, v in headers])
+
+
+def decode_headers(text: str | None) -> tuple[tuple[str, bytes], ...]:
+    """Inverse of :func:`encode_headers` (``None`` or ``""`` -> ``()``). Raises ``ValueError`` for other text."""
+    if not text:
+        return ()
+    return tuple((k, base64.b64decode(v)) for k, v in json.loads(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,22 +417,46 @@ class LocalLogAppender:
     def append_many(self, rows: list[tuple[str, str | None, bytes, str, str, str, int]]) -> list[int]:
         """Append ``(topic, key, value, headers_json, content_type, source_id, received_at_ns)`` rows in one
         transaction (one fsync); returns their offsets, in order."""
+        with self._transaction() as conn:
+            return [conn.execute(_APPEND, (topic, key, value, source_id, received_at_ns, content_type,
+                                           headers_json)).lastrowid
+                    for topic, key, value, headers_json, content_type, source_id, received_at_ns in rows]
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` under the lock; rolled back when the body raises."""
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                offsets = [conn.execute(
-                    "INSERT INTO records (topic, key, value, signal, source_id, received_at_ns, content_type,"
-                    " transport, headers) VALUES (?, ?, ?, '', ?, ?, ?, '', ?)",
-                    (topic, key, value, source_id, received_at_ns, content_type, headers_json)).lastrowid
-                    for topic, key, value, headers_json, content_type, source_id, received_at_ns in rows]
+                yield conn
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
-            return offsets
+
+    def append_once(self, topic: str, key: str | None, value: bytes, headers_json: str, *, content_type: str,
+                    idempotency_key: str, result: str, source_id: str = "",
+                    received_at_ns: int = 0) -> tuple[int, str, bool]:
+        """Append one record unless ``topic`` already holds one appended under ``idempotency_key``.
+
+        The check, the append and the key's row are one transaction, so a record is in the log exactly once per key
+        whatever process dies when. ``result``: JSON text stored with the key (what to answer a repeated request
+        with). Returns ``(offset, result, appended)``: the new offset and ``result``, or the original record's
+        offset and stored result with ``appended`` false.
+        """
+        with self._transaction() as conn:
+            row = conn.execute('SELECT "offset", result FROM idempotency_keys WHERE topic = ? AND idempotency_key = ?',
+                               (topic, idempotency_key)).fetchone()
+            if row is not None:
+                return row[0], row[1], False
+            offset = conn.execute(_APPEND, (topic, key, value, source_id, received_at_ns, content_type,
+                                            headers_json)).lastrowid
+            conn.execute('INSERT INTO idempotency_keys (topic, idempotency_key, "offset", result) VALUES (?, ?, ?, ?)',
+                         (topic, idempotency_key, offset, result))
+        return offset, result, True
 
     def close(self) -> None:
         with self._lock:

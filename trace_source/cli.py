@@ -40,6 +40,8 @@ def _option_for(name: str, field, env: str | None = None) -> click.Option:
     base = annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         base = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(base) is typing.Literal:  # Optional[Literal[...]]
+        return click.Option([flag, name], type=click.Choice(typing.get_args(base)), default=None, help=help_text)
     ptype = {int: int, float: float, Path: click.Path(path_type=Path)}.get(base, str)
     return click.Option([flag, name], type=ptype, default=None, help=help_text)
 
@@ -139,7 +141,9 @@ def serve(config: Path | None, **flags) -> None:
 
     \b
     Endpoints: POST /v1/traces, POST /v1/logs on --port (OTLP/HTTP); TraceService and LogsService
-    Export on --grpc-port (OTLP/gRPC); GET /healthz, /readyz and /metrics (Prometheus) on --port.
+    Export on --grpc-port (OTLP/gRPC); GET /healthz, /readyz and /metrics (Prometheus) on --port;
+    POST /v1/envelopes on --port (finished envelopes from `trace-source import/sync --upload`, once per
+    Idempotency-Key, bearer tokens as for OTLP).
     A 2xx/OK is sent only after the data is durable (Kafka acks=all, or committed to the local log).
     Embedded default (no broker): the assembler and the loop's stages run in-process — every run is
     graded, and seeded / reproduced / fixed as far as --execution-policy allows; see `trace-source status`.
@@ -410,15 +414,19 @@ def status(trace: str | None, limit: int, as_json: bool, **flags) -> None:
                                      blocked runs with their reasons, and the latest runs with verdicts.
     `trace-source status TRACE_ID`   one trace's latest run: its phases, artifact paths, stop reason
                                      (a unique prefix of the id is enough).
+    `trace-source status SOURCE`     one registered source: validation, cursor, last sync, counts,
+                                     rejected items and the last error.
+    The summary also lists every registered source (sources.db) and local loop (autoloops.json).
     Reads <state-dir>/runs.jsonl, or the Postgres journal when --database-url-env names a set variable.
     """
     settings = load_loop_settings(flags)
     from pipeline.journal import JournalError
-    from trace_source.status import render_run, render_summary
+    from trace_source.status import render_run, render_source, render_summary
 
     try:
-        text = (render_run(settings, trace, as_json=as_json) if trace
-                else render_summary(settings, limit=limit, as_json=as_json))
+        text = (render_source(settings, trace, as_json=as_json) if trace else None) or (
+            render_run(settings, trace, as_json=as_json) if trace
+            else render_summary(settings, limit=limit, as_json=as_json))
     except LookupError as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
     except JournalError as exc:  # e.g. the Postgres journal is unreachable
@@ -528,6 +536,10 @@ def traces_show(ctx, trace_id, as_json, **source) -> None:
 
 
 _register_stage_workers()
+
+from trace_source import sources_cli  # noqa: E402 - the source commands need _option_for above
+
+sources_cli.register(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

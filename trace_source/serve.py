@@ -15,6 +15,7 @@ from aiohttp import web
 from receiver.auth import Authenticator
 from receiver.backpressure import InflightBudget
 from receiver.connections import ConnectionLimiter
+from receiver.envelopes import EnvelopeUpload
 from receiver.export import ExportService
 from receiver.grpc_server import GrpcReceiver
 from receiver.http_server import HttpReceiver
@@ -49,6 +50,16 @@ def build_sink(settings: ServeSettings) -> Sink:
     from sinks.local_log import LocalLogSink
 
     return LocalLogSink(settings.state_dir, fsync=settings.local_log_fsync)
+
+
+def build_envelope_sink(settings: ServeSettings):
+    """Where ``POST /v1/envelopes`` puts envelopes: the traces topic on Kafka, or the embedded log (and its file
+    view) under ``state_dir``."""
+    from sinks.envelopes import open_envelope_sink
+
+    return open_envelope_sink(state_dir=settings.state_dir, kafka_bootstrap_servers=settings.kafka_bootstrap_servers,
+                              max_request_size=kafka_request_size(settings),
+                              security=settings.kafka_security() if settings.kafka_bootstrap_servers else None)
 
 
 async def _start_embedded_assembler(settings: ServeSettings, metrics: ReceiverMetrics):
@@ -89,12 +100,13 @@ async def _start_embedded_loop(settings: ServeSettings, loop_settings, metrics: 
 
 
 async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loop_settings=None,
-              worker: int | None = None, on_ready=None) -> None:
+              worker: int | None = None, on_ready=None, on_serving=None) -> None:
     """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT. ``loop_settings``: a
     :class:`pipeline.loop_settings.LoopSettings` for the embedded default's in-process stages (``None``: the
     receiver and assembler only). ``worker``: this process's index under ``serve --workers``
     (:mod:`trace_source.workers`): both ports are bound with ``SO_REUSEPORT``, the ready line is ``worker
-    serving``, and ``on_ready()`` is called once serving."""
+    serving``, and ``on_ready()`` is called once serving. ``on_serving(http_port, grpc_port)``: called once
+    serving, with the bound ports (``autoloop`` records them)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,8 +137,11 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
         tls = ServerTls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file,
                         min_version=settings.tls_min_version, reload_interval_s=settings.tls_reload_interval_s)
 
+    envelope_sink = build_envelope_sink(settings)
+    await envelope_sink.start()
     http = HttpReceiver(service, auth, metrics, max_body_bytes=settings.max_body_bytes,
-                        cors_allowed_origins=settings.cors_allowed_origins, read_timeout_s=settings.read_timeout_s)
+                        cors_allowed_origins=settings.cors_allowed_origins, read_timeout_s=settings.read_timeout_s,
+                        envelopes=EnvelopeUpload(envelope_sink, auth, max_body_bytes=settings.max_body_bytes))
     # keepalive_timeout: aiohttp's one timer for idle keep-alive connections and for a request's headers to arrive.
     # lingering_time: after an early answer (408, 413) aiohttp keeps reading the unread body so the client sees the
     # answer rather than a reset; 2 s instead of its 10 s, so a slow client cannot hold the connection that long.
@@ -170,6 +185,7 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
         await asyncio.gather(runner.cleanup(), *([grpc_server.stop(0)] if grpc_server is not None else []))
         if assembler is not None:
             await assembler.stop()
+        await envelope_sink.stop()
         await sink.stop()
         raise
 
@@ -186,6 +202,8 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
              policy=loop_settings.execution_policy if loop_settings is not None else None)
     if on_ready is not None:
         on_ready()
+    if on_serving is not None:
+        on_serving(http_port, grpc_port)
     try:
         await stop.wait()
     finally:
@@ -205,5 +223,6 @@ async def run(settings: ServeSettings, stop: asyncio.Event | None = None, *, loo
             await stages.stop()
         if assembler is not None:
             await assembler.stop()
+        await envelope_sink.stop()
         await sink.stop()
         log.info("stopped")
