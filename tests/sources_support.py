@@ -110,3 +110,29 @@ def keys_on_topic(state_dir: Path) -> Counter:
 
 def envelope_file(state_dir: Path, trace_id: str) -> Envelope:
     return Envelope.from_json_bytes((Path(state_dir) / "traces" / f"{trace_id}.json").read_bytes())
+
+
+TRACES_TOPIC = "trace-source.traces"
+
+
+async def read_topic(bootstrap: str, trace_ids: set[str]) -> list[tuple[str, dict[str, str]]]:
+    """(trace id, headers) of every record of the Kafka traces topic that belongs to ``trace_ids``."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(TRACES_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    out = []
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=2000)
+            if not batch:
+                break
+            for records in batch.values():
+                for r in records:
+                    key = r.key.decode()
+                    if key in trace_ids:
+                        out.append((key, {k: v.decode() for k, v in r.headers}))
+    finally:
+        await consumer.stop()
+    return out

@@ -183,6 +183,34 @@ async def test_every_component_works_through_secured_listeners(secure_kafka, tmp
         assert plain.returncode == 0 and len(plain.stdout.splitlines()) == 1, plain.stderr
 
 
+def test_imports_and_uploads_reach_the_traces_topic_through_secured_listeners(secure_kafka, tmp_path: Path) -> None:
+    """`import --kafka-bootstrap-servers` (SASL_SSL, SCRAM) and a SASL_SSL `serve`'s `POST /v1/envelopes` put their
+    envelopes on the traces topic; read back through the PLAINTEXT listener, each once."""
+    from collections import Counter
+
+    from sinks.kafka_admin import create_topic as create_kafka_topic
+    from sources_support import TRACES_TOPIC, js_otlp_files, read_topic
+
+    asyncio.run(create_kafka_topic(secure_kafka.plaintext, TRACES_TOPIC, 2, 1))
+    env = {PASSWORD_ENV: secure_kafka.password}
+    files = js_otlp_files(tmp_path / "a", [{"fail": True}, {"fail": False}], "json")
+    imported = run_cli("import", str(tmp_path / "a"), "--json", "--state-dir", str(tmp_path / "client"),
+                       *sasl_args(secure_kafka), env=env)
+    assert imported.returncode == 0, imported.stderr
+    assert {r["status"] for r in json.loads(imported.stdout)["traces"]} == {"imported"}
+
+    uploads = js_otlp_files(tmp_path / "b", [{"fail": True}], "protobuf")
+    with ServeProcess(tmp_path / "serve", "--kafka-create-topics", "--execution-policy", "observe",
+                      *sasl_args(secure_kafka), env=env) as serve:
+        up = run_cli("import", str(tmp_path / "b"), "--upload", "--endpoint", serve.http_url, "--json",
+                     "--state-dir", str(tmp_path / "uploader"))
+        assert up.returncode == 0, up.stderr + serve.log_tail()
+        assert [r["status"] for r in json.loads(up.stdout)["traces"]] == ["imported"]
+    wanted = set(files["traces"]) | set(uploads["traces"])
+    records = asyncio.run(read_topic(secure_kafka.plaintext, wanted))
+    assert Counter(k for k, _ in records) == {t: 1 for t in wanted}
+
+
 # --------------------------------------------------------------------------- refusals fail fast and clearly
 
 

@@ -11,35 +11,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from serve_proc import ServeProcess
 from sinks.kafka_admin import create_topic
-from sources_support import cli, js_otlp_files
+from sources_support import TRACES_TOPIC as TOPIC
+from sources_support import cli, js_otlp_files, read_topic
 
 pytestmark = pytest.mark.kafka
-TOPIC = "trace-source.traces"
-
-
-async def read_topic(bootstrap: str, trace_ids: set[str]) -> list[tuple[str, dict[str, str]]]:
-    """(trace id, headers) of every record of the traces topic that belongs to ``trace_ids``."""
-    consumer = AIOKafkaConsumer(TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    out = []
-    try:
-        while True:
-            batch = await consumer.getmany(timeout_ms=2000)
-            if not batch:
-                break
-            for records in batch.values():
-                for r in records:
-                    key = r.key.decode()
-                    if key in trace_ids:
-                        out.append((key, {k: v.decode() for k, v in r.headers}))
-    finally:
-        await consumer.stop()
-    return out
 
 
 def test_import_and_upload_onto_the_kafka_traces_topic(kafka_bootstrap: str, tmp_path: Path) -> None:
