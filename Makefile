@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JS_DIR := tests/interop/js
 
-.PHONY: serve test postgres-server bench bench-assembler bench-grade otelcol phoenix clean-venv
+.PHONY: serve test postgres-server bench bench-assembler bench-grade bench-soak otelcol phoenix clean-venv
 
 # Virtualenv with the package (editable) and its test extras; re-installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -79,6 +79,11 @@ bench-assembler: $(VENV)/.installed
 
 bench-grade: $(VENV)/.installed
 	$(PY) -m bench.grade_bench $(BENCH_ARGS)
+
+# The loop (Kafka, Postgres, serve, worker assemble, worker grade) at half its measured capacity for 22 minutes.
+bench-soak: $(VENV)/.installed
+	$(PY) tests/kafka_harness.py --fetch
+	$(PY) -m bench.soak $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
