@@ -37,6 +37,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -355,67 +356,70 @@ def check_end_to_end(pipeline: Pipeline, load: ExporterLoad) -> dict:
 # --------------------------------------------------------------------------------------------- the tests
 
 
+def run_faults(tmp_path, cluster: KafkaCluster, postgres_url: str, pytestconfig,
+               sequence: Callable[[Pipeline, ExporterLoad], None]) -> dict:
+    """Run the pipeline under exporter load, apply ``sequence`` ``--fault-iterations`` times, stop the load, wait
+    until every acked trace is graded and return :func:`check_end_to_end`'s summary."""
+    with Pipeline(tmp_path, cluster.bootstrap_servers, postgres_url) as pipeline:
+        with ExporterLoad(pipeline.serve) as load:
+            keep_loading(load, 3)
+            for _ in range(iterations(pytestconfig)):
+                sequence(pipeline, load)
+        wait_all_graded(pipeline, load)
+        return check_end_to_end(pipeline, load)
+
+
 def test_broker_failures_under_load(tmp_path, three_nodes, postgres_url, pytestconfig):
     cluster = three_nodes
-    with Pipeline(tmp_path, cluster.bootstrap_servers, postgres_url) as pipeline, \
-            ExporterLoad(pipeline.serve) as load:
-        keep_loading(load, 3)
-        for _ in range(iterations(pytestconfig)):
-            # The leader of a partition of the spans topic crashes under load, and comes back.
-            victim = leader_index(cluster, pipeline.topics["spans"], 0)
-            cluster.kill_node(victim)
-            keep_loading(load, 6)
-            cluster.start_node(victim)
-            wait_replicated(cluster)
-            keep_loading(load, 2)
 
-            # The group coordinator's node (leader of the single __consumer_offsets partition) is restarted.
-            coordinator = leader_index(cluster, "__consumer_offsets", 0)
-            cluster.stop_node(coordinator)
-            keep_loading(load, 4)
-            cluster.start_node(coordinator)
-            wait_replicated(cluster)
-            keep_loading(load, 2)
+    def sequence(pipeline: Pipeline, load: ExporterLoad) -> None:
+        # The leader of a partition of the spans topic crashes under load, and comes back.
+        victim = leader_index(cluster, pipeline.topics["spans"], 0)
+        cluster.kill_node(victim)
+        keep_loading(load, 6)
+        cluster.start_node(victim)
+        wait_replicated(cluster)
+        keep_loading(load, 2)
 
-            # A node stops answering (SIGSTOP keeps its sockets open but reads nothing), then comes back.
-            frozen = leader_index(cluster, pipeline.topics["traces"], 0)
-            cluster._node(frozen).signal(signal.SIGSTOP)
-            try:
-                keep_loading(load, 8)
-            finally:
-                cluster._node(frozen).signal(signal.SIGCONT)
-            wait_replicated(cluster)
-            keep_loading(load, 2)
-        load.__exit__()
-        wait_all_graded(pipeline, load)
-        summary = check_end_to_end(pipeline, load)
-    print(f"broker failures: {summary}")
+        # The group coordinator's node (leader of the single __consumer_offsets partition) is restarted.
+        coordinator = leader_index(cluster, "__consumer_offsets", 0)
+        cluster.stop_node(coordinator)
+        keep_loading(load, 4)
+        cluster.start_node(coordinator)
+        wait_replicated(cluster)
+        keep_loading(load, 2)
+
+        # A node stops answering (SIGSTOP keeps its sockets open but reads nothing), then comes back.
+        frozen = leader_index(cluster, pipeline.topics["traces"], 0)
+        cluster._node(frozen).signal(signal.SIGSTOP)
+        try:
+            keep_loading(load, 8)
+        finally:
+            cluster._node(frozen).signal(signal.SIGCONT)
+        wait_replicated(cluster)
+        keep_loading(load, 2)
+
+    print(f"broker failures: {run_faults(tmp_path, cluster, postgres_url, pytestconfig, sequence)}")
 
 
 def test_worker_failures_and_rebalances_under_load(tmp_path, three_nodes, postgres_url, pytestconfig):
-    cluster = three_nodes
-    with Pipeline(tmp_path, cluster.bootstrap_servers, postgres_url) as pipeline, \
-            ExporterLoad(pipeline.serve) as load:
+    def sequence(pipeline: Pipeline, load: ExporterLoad) -> None:
+        # The assembler crashes with traces open and published-but-uncommitted envelopes, and restarts.
+        pipeline.workers["assemble"].kill()
+        keep_loading(load, 2)
+        pipeline.worker("assemble")
         keep_loading(load, 3)
-        for _ in range(iterations(pytestconfig)):
-            # The assembler crashes with traces open and published-but-uncommitted envelopes, and restarts.
-            pipeline.workers["assemble"].kill()
-            keep_loading(load, 2)
-            pipeline.worker("assemble")
-            keep_loading(load, 3)
 
-            # A second assembler joins while traces are open (partitions move), then leaves (they move back).
-            pipeline.worker("assemble-2")
-            keep_loading(load, 6)
-            pipeline.workers["assemble-2"].stop(30)
-            keep_loading(load, 3)
+        # A second assembler joins while traces are open (partitions move), then leaves (they move back).
+        pipeline.worker("assemble-2")
+        keep_loading(load, 6)
+        pipeline.workers["assemble-2"].stop(30)
+        keep_loading(load, 3)
 
-            # The grade worker crashes mid-batch; its claims wait out their lease, then are taken over.
-            pipeline.workers["grade"].kill()
-            keep_loading(load, 2)
-            pipeline.worker("grade")
-            keep_loading(load, 3)
-        load.__exit__()
-        wait_all_graded(pipeline, load)
-        summary = check_end_to_end(pipeline, load)
-    print(f"worker failures: {summary}")
+        # The grade worker crashes mid-batch; its claims wait out their lease, then are taken over.
+        pipeline.workers["grade"].kill()
+        keep_loading(load, 2)
+        pipeline.worker("grade")
+        keep_loading(load, 3)
+
+    print(f"worker failures: {run_faults(tmp_path, three_nodes, postgres_url, pytestconfig, sequence)}")
