@@ -56,11 +56,11 @@ Provide one in one of two ways:
     (`python tests/kafka_harness.py --fetch` fetches the jars ahead of time)."""
 
 
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fault-iterations", type=int, default=None,
                      help="How many times tests/test_faults.py repeats each fault sequence (default 1, or "
                           "$TRACE_SOURCE_FAULT_ITERATIONS).")
+
 
 def _or_fail(action: Callable[[], object], context: str = "") -> None:
     """Run *action*; if it cannot get a broker, fail the test with :data:`NO_KAFKA_HELP`."""

@@ -473,6 +473,22 @@ class KafkaCluster:
         node.launch(self._libs)
         self._wait_ready([node], time.monotonic() + self.startup_timeout)
 
+    def freeze_node(self, index: int) -> None:
+        """SIGSTOP node *index* (0-based): its sockets stay open but it answers nothing, as a network partition
+        or a long GC pause looks to clients. :meth:`thaw_node` resumes it."""
+        self._node(index).signal(signal.SIGSTOP)
+
+    def thaw_node(self, index: int) -> None:
+        """SIGCONT node *index* (0-based) after :meth:`freeze_node`; harmless on a node that is not frozen."""
+        self._node(index).signal(signal.SIGCONT)
+
+    def ensure_running(self, index: int) -> None:
+        """Node *index* serving again, whatever an earlier test did to it: thawed if running, else started."""
+        if self._node(index).running:
+            self.thaw_node(index)
+        else:
+            self.start_node(index)
+
     def __enter__(self) -> KafkaCluster:
         self.start()
         return self

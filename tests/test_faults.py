@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
 import threading
 import time
 import urllib.request
@@ -45,7 +43,7 @@ import psycopg
 import pytest
 from opentelemetry.sdk.trace.export import SpanExportResult
 
-from assembler_support import wait_for
+from assembler_support import header, read_topic_sync, wait_for
 from interop_support import finished_agent_spans, span_exporter
 from kafka_harness import KafkaCluster
 from serve_proc import CliProcess, ServeProcess
@@ -74,11 +72,7 @@ def cluster():
 @pytest.fixture
 def three_nodes(cluster: KafkaCluster) -> KafkaCluster:
     for i in range(cluster.node_count):
-        node = cluster._node(i)
-        if node.running:
-            node.signal(signal.SIGCONT)
-        else:
-            cluster.start_node(i)
+        cluster.ensure_running(i)
     return cluster
 
 
@@ -186,75 +180,34 @@ def keep_loading(load: ExporterLoad, seconds: float) -> None:
 # --------------------------------------------------------------------------------------------- Kafka helpers
 
 
-async def _leader(bootstrap: str, topic: str, partition: int) -> int:
+async def _metadata(bootstrap: str):
+    """The cluster's metadata (aiokafka ``ClusterMetadata``: leaders, replicas and ISR of every partition)."""
     from aiokafka import AIOKafkaClient
-    from aiokafka.structs import TopicPartition
 
     client = AIOKafkaClient(bootstrap_servers=bootstrap)
     await client.bootstrap()
     try:
-        metadata = await client.fetch_all_metadata()
-        return metadata.leader_for_partition(TopicPartition(topic, partition))
+        return await client.fetch_all_metadata()
     finally:
         await client.close()
 
 
 def leader_index(cluster: KafkaCluster, topic: str, partition: int = 0) -> int:
     """0-based index of the node leading ``topic``/``partition`` (node ids are index + 1)."""
-    return asyncio.run(_leader(cluster.bootstrap_servers, topic, partition)) - 1
+    from aiokafka.structs import TopicPartition
 
-
-async def _under_replicated(bootstrap: str) -> list[str]:
-    from aiokafka import AIOKafkaClient
-
-    client = AIOKafkaClient(bootstrap_servers=bootstrap)
-    await client.bootstrap()
-    try:
-        metadata = await client.fetch_all_metadata()
-        return [f"{topic}-{p}" for topic, parts in metadata._partitions.items()
-                for p, m in parts.items() if set(m.isr) != set(m.replicas)]
-    finally:
-        await client.close()
+    metadata = asyncio.run(_metadata(cluster.bootstrap_servers))
+    return metadata.leader_for_partition(TopicPartition(topic, partition)) - 1
 
 
 def fully_replicated(cluster: KafkaCluster) -> bool:
     """True when every partition's in-sync replicas are all its replicas (the controller's view, via metadata)."""
-    return not asyncio.run(_under_replicated(cluster.bootstrap_servers))
+    metadata = asyncio.run(_metadata(cluster.bootstrap_servers))
+    return all(set(m.isr) == set(m.replicas) for parts in metadata._partitions.values() for m in parts.values())
 
 
 def wait_replicated(cluster: KafkaCluster) -> None:
     wait_for(lambda: fully_replicated(cluster), "every partition to be fully replicated again", timeout_s=120)
-
-
-async def _records(bootstrap: str, topic: str) -> list:
-    from aiokafka import AIOKafkaConsumer
-    from aiokafka.structs import TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    out = []
-    try:
-        await consumer._client.force_metadata_update()
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not parts:
-            return []
-        consumer.assign(parts)
-        ends = await consumer.end_offsets(parts)
-        await consumer.seek_to_beginning(*parts)
-        remaining = {tp for tp in parts if ends[tp] > 0}
-        while remaining:
-            for tp, batch in (await consumer.getmany(timeout_ms=2000)).items():
-                out.extend(batch)
-                if batch and batch[-1].offset + 1 >= ends[tp]:
-                    remaining.discard(tp)
-    finally:
-        await consumer.stop()
-    return out
-
-
-def records(bootstrap: str, topic: str) -> list:
-    return asyncio.run(_records(bootstrap, topic))
 
 
 # --------------------------------------------------------------------------------------------- the checks
@@ -269,10 +222,10 @@ def graded_keys(database_url: str, grade_group_keys: set[str]) -> set[str]:
 def envelope_keys_of(pipeline: Pipeline, trace_ids: set[str]) -> dict[str, set[str]]:
     """trace id -> envelope keys on the traces topic, for the given traces."""
     out: dict[str, set[str]] = {}
-    for r in records(pipeline.bootstrap, pipeline.topics["traces"]):
+    for r in read_topic_sync(pipeline.bootstrap, pipeline.topics["traces"]):
         trace_id = r.key.decode()
         if trace_id in trace_ids:
-            out.setdefault(trace_id, set()).add(dict(r.headers)["idempotency-key"].decode())
+            out.setdefault(trace_id, set()).add(header(r, "idempotency-key"))
     return out
 
 
@@ -291,12 +244,14 @@ def wait_all_graded(pipeline: Pipeline, load: ExporterLoad) -> None:
 
 def server_statuses(serve: ServeProcess) -> Counter:
     """trace_source_requests_total by status, from serve's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(f"{serve.http_url}/metrics", timeout=10).read().decode()
     out: Counter = Counter()
-    for line in text.splitlines():
-        if line.startswith("trace_source_requests_total{"):
-            status = re.search(r'status="([^"]*)"', line)
-            out[status.group(1) if status else "?"] += float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "trace_source_requests_total":
+                out[sample.labels.get("status", "?")] += sample.value
     return out
 
 
@@ -310,7 +265,7 @@ def check_end_to_end(pipeline: Pipeline, load: ExporterLoad) -> dict:
     spans_of: dict[str, set[str]] = {}
     for span_id, trace_id in load.acked.items():
         spans_of.setdefault(trace_id, set()).add(span_id)
-    traces = records(pipeline.bootstrap, pipeline.topics["traces"])
+    traces = read_topic_sync(pipeline.bootstrap, pipeline.topics["traces"])
     copies: Counter = Counter()
     key_of_version: dict[tuple[str, int], set[str]] = {}
     keys_of_span: dict[str, set[str]] = {}
@@ -342,12 +297,12 @@ def check_end_to_end(pipeline: Pipeline, load: ExporterLoad) -> dict:
     events = {k: n for k, n in journal if k in keys}
     assert set(events) == keys and set(events.values()) == {1}, "an envelope key without, or with two, grade events"
 
-    first: dict[bytes, bytes] = {}
-    grades = records(pipeline.bootstrap, pipeline.topics["grades"])
+    first: dict[str, bytes] = {}
+    grades = read_topic_sync(pipeline.bootstrap, pipeline.topics["grades"])
     for r in grades:
-        stage_key = dict(r.headers).get("stage-key", r.key)
+        stage_key = header(r, "stage-key") or r.key.decode()
         assert first.setdefault(stage_key, r.value) == r.value, "a re-published grade differs from the first"
-    assert not records(pipeline.bootstrap, pipeline.topics["dlq"]), "something was dead-lettered"
+    assert not read_topic_sync(pipeline.bootstrap, pipeline.topics["dlq"]), "something was dead-lettered"
     return {"spans": len(load.acked), "traces": len(spans_of), "envelope_keys": len(keys),
             "envelope_copies": sum(copies.values()) - len(keys), "grade_records": len(grades),
             "statuses": dict(statuses), "exports": dict(load.exports)}
@@ -391,11 +346,11 @@ def test_broker_failures_under_load(tmp_path, three_nodes, postgres_url, pytestc
 
         # A node stops answering (SIGSTOP keeps its sockets open but reads nothing), then comes back.
         frozen = leader_index(cluster, pipeline.topics["traces"], 0)
-        cluster._node(frozen).signal(signal.SIGSTOP)
+        cluster.freeze_node(frozen)
         try:
             keep_loading(load, 8)
         finally:
-            cluster._node(frozen).signal(signal.SIGCONT)
+            cluster.thaw_node(frozen)
         wait_replicated(cluster)
         keep_loading(load, 2)
 
