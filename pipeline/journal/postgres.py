@@ -47,8 +47,15 @@ MIGRATIONS: tuple[str, ...] = (
 
 log = structlog.get_logger(__name__)
 
-_INSERT = ("INSERT INTO journal (event_id, trace_id, envelope_key, phase, status, at, parent_run_id, event, body) "
-           "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s) ON CONFLICT (event_id) DO NOTHING")
+_INSERT = "INSERT INTO journal (event_id, trace_id, envelope_key, phase, status, at, parent_run_id, event, body) VALUES "
+_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
+_ON_CONFLICT = " ON CONFLICT (event_id) DO NOTHING"
+
+
+def _insert_sql(rows: int) -> str:
+    """One ``INSERT`` of ``rows`` events: a single statement is atomic on its own (no ``BEGIN``/``COMMIT`` round
+    trips), and Postgres inserts a ``VALUES`` list in its order, so ``seq`` follows the call's order."""
+    return _INSERT + ", ".join([_ROW] * rows) + _ON_CONFLICT
 
 
 def _at(text: str) -> datetime | None:
@@ -76,10 +83,10 @@ class PostgresJournal(PostgresStore):
     async def append(self, events: list[JournalEvent]) -> int:
         if not events:
             return 0
-        # One transaction: all of the call's new events or none (a single event is one statement anyway).
-        async with self.connection(transaction=len(events) > 1) as conn:
-            cur = conn.cursor()
-            await cur.executemany(_INSERT, [_params(e) for e in events])
+        # One statement, so all of the call's new events or none.
+        params = [p for e in events for p in _params(e)]
+        async with self.connection(transaction=False) as conn:
+            cur = await conn.execute(_insert_sql(len(events)), params)
             return cur.rowcount
 
     async def events(self, *, trace_id: str | None = None, limit: int | None = None,
