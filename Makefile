@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JS_DIR := tests/interop/js
 
-.PHONY: serve test postgres-server bench bench-assembler bench-grade bench-soak otelcol phoenix clean-venv
+.PHONY: serve test postgres-server bench bench-assembler bench-grade bench-producer bench-soak otelcol phoenix clean-venv
 
 # Virtualenv with the package (editable) and its test extras; re-installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -76,6 +76,13 @@ phoenix: $(PHOENIX_VENV)/.installed
 
 bench-assembler: $(VENV)/.installed
 	$(PY) -m bench.assembler_bench $(BENCH_ARGS)
+
+# The Kafka produce path with aiokafka (the receiver's sink) against librdkafka (confluent-kafka, installed here
+# for the bench only; not a dependency of the product).
+bench-producer: $(VENV)/.installed
+	$(PY) tests/kafka_harness.py --fetch
+	$(PY) -m pip install --quiet "confluent-kafka>=2.6"
+	$(PY) -m bench.producer_bench $(BENCH_ARGS)
 
 bench-grade: $(VENV)/.installed
 	$(PY) -m bench.grade_bench $(BENCH_ARGS)
