@@ -759,9 +759,10 @@ async def run_assembler_phase(args, broker: Broker, workload: Workload, input_to
     # A fresh traces index too: the workload's trace ids repeat in every phase, and an index left by an earlier
     # phase (or run, on a reused --kafka-bootstrap cluster) would make the workers drop them as already emitted.
     flags = {"kafka-bootstrap-servers": broker.bootstrap, "input-topic": input_topic, "traces-topic": traces_topic,
-             "traces-index-topic": f"{traces_topic}-index", "dlq-topic": dlq_topic, "group-id": group, "quiet-period-s": args.quiet_period,
-             "metrics-host": "127.0.0.1", "metrics-port": 0, "log-level": args.worker_log_level,
-             "log-format": "json", "state-dir": phase_dir / "state", "artifact-dir": artifact_dir}
+             "traces-index-topic": f"{traces_topic}-index", "dlq-topic": dlq_topic, "group-id": group,
+             "quiet-period-s": args.quiet_period, "metrics-host": "127.0.0.1", "metrics-port": 0,
+             "log-level": args.worker_log_level, "log-format": "json", "state-dir": phase_dir / "state",
+             "artifact-dir": artifact_dir}
     for opt in args.worker_option:
         k, _, v = opt.partition("=")
         flags[k.strip().removeprefix("--").replace("_", "-")] = v

@@ -47,7 +47,8 @@ MIGRATIONS: tuple[str, ...] = (
 
 log = structlog.get_logger(__name__)
 
-_INSERT = "INSERT INTO journal (event_id, trace_id, envelope_key, phase, status, at, parent_run_id, event, body) VALUES "
+_INSERT = ("INSERT INTO journal (event_id, trace_id, envelope_key, phase, status, at, parent_run_id, event, body) "
+           "VALUES ")
 _ROW = "(%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
 _ON_CONFLICT = " ON CONFLICT (event_id) DO NOTHING"
 
