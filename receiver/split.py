@@ -391,13 +391,7 @@ def _group(request: Any, sig: _Signal, wire: list[_Resource], buf: bytes,
                     continue
                 last = pieces[-1]
                 if last.ri == ri and last.si == si:
-                    # _Piece.add, inlined: this runs once per item
-                    tail = last.ranges[-1]
-                    if tail[1] == start:
-                        tail[1] = end
-                    else:
-                        last.ranges.append([start, end])
-                    last.count += 1
+                    last.add(start, end)
                 else:
                     pieces.append(_Piece(ri, si, start, end))
     return groups, accepted
