@@ -96,6 +96,15 @@ async def test_events_come_back_exactly_in_append_order(journal: Journal):
     assert [e.model_dump_json() for e in got[:-1]] == [e.model_dump_json() for e in appended[1:]]
 
 
+async def test_a_large_append_is_whole_and_in_order(journal: Journal):
+    # More events than one Postgres INSERT takes (the journal then writes several statements in one transaction).
+    events = [event(n, key="b") for n in range(2_500)]
+    assert await journal.append(events) == 2_500
+    last = event(2_500, key="b")
+    assert await journal.append(events[1_000:1_500] + [last]) == 1
+    assert [e.event_id for e in await journal.events()] == [e.event_id for e in events + [last]]
+
+
 async def test_events_filter_by_trace_and_parent_run_and_keep_the_newest(journal: Journal):
     t1, t2 = "1" * 32, "2" * 32
     parent = "p" * 32

@@ -51,6 +51,7 @@ _INSERT = ("INSERT INTO journal (event_id, trace_id, envelope_key, phase, status
            "VALUES ")
 _ROW = "(%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
 _ON_CONFLICT = " ON CONFLICT (event_id) DO NOTHING"
+_MAX_ROWS = 1000  # events per INSERT: 9,000 bind parameters, well under Postgres's 65,535
 
 
 def _insert_sql(rows: int) -> str:
@@ -84,11 +85,15 @@ class PostgresJournal(PostgresStore):
     async def append(self, events: list[JournalEvent]) -> int:
         if not events:
             return 0
-        # One statement, so all of the call's new events or none.
-        params = [p for e in events for p in _params(e)]
-        async with self.connection(transaction=False) as conn:
-            cur = await conn.execute(_insert_sql(len(events)), params)
-            return cur.rowcount
+        # All of the call's new events or none: one statement (the usual case: a record's few events), or for a
+        # call beyond one statement's bind parameters (65,535) several in one transaction.
+        chunks = [events[i:i + _MAX_ROWS] for i in range(0, len(events), _MAX_ROWS)]
+        async with self.connection(transaction=len(chunks) > 1) as conn:
+            added = 0
+            for chunk in chunks:
+                cur = await conn.execute(_insert_sql(len(chunk)), [p for e in chunk for p in _params(e)])
+                added += cur.rowcount
+            return added
 
     async def events(self, *, trace_id: str | None = None, limit: int | None = None,
                      parent_run_id: str | None = None) -> list[JournalEvent]:
