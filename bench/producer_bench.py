@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import subprocess
 import sys
 import threading
@@ -37,18 +36,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import (environment, fmt_k, median, quiet_library_logs, results_path, say, start_harness_broker,
-                          timestamp, write_results)
+import psutil
+
+from bench.common import (environment, fmt_k, median, process_cpu_s, quiet_library_logs, results_path, say,
+                          start_harness_broker, timestamp, write_results)
 
 CLIENTS = ("aiokafka", "librdkafka")
 LINGER_MS = 5
 BATCH_BYTES = 262144
 MAX_REQUEST_BYTES = 1048576
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
-    return r.ru_utime + r.ru_stime
 
 
 def _batches(requests: int, spans_per_request: int, spans_per_trace: int) -> list:
@@ -75,9 +71,10 @@ async def _drive(write, batches: list, concurrency: int) -> tuple[float, float]:
         while not queue.empty():
             await write(queue.get_nowait())
 
-    cpu0, t0 = _cpu_s(), time.perf_counter()
+    me = psutil.Process()  # its CPU times cover every thread of this process (librdkafka's included)
+    cpu0, t0 = process_cpu_s(me.cpu_times()), time.perf_counter()
     await asyncio.gather(*(writer() for _ in range(concurrency)))
-    return _cpu_s() - cpu0, time.perf_counter() - t0
+    return process_cpu_s(me.cpu_times()) - cpu0, time.perf_counter() - t0
 
 
 async def _run_aiokafka(bootstrap: str, topic: str, codec: str, batches: list, concurrency: int):
@@ -109,8 +106,12 @@ async def _run_librdkafka(bootstrap: str, topic: str, codec: str, batches: list,
     poller.start()
 
     def settle(fut: asyncio.Future, err) -> None:
-        if not fut.done():
-            fut.set_exception(KafkaException(err)) if err is not None else fut.set_result(None)
+        if fut.done():
+            return
+        if err is not None:
+            fut.set_exception(KafkaException(err))
+        else:
+            fut.set_result(None)
 
     async def write(batch) -> None:
         futures = []
