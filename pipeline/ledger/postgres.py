@@ -9,6 +9,15 @@ Same behaviour as :class:`pipeline.ledger.sqlite.SqliteLedger`, made safe for ma
   exactly one of them acquires it.
 * **renew / complete / fail / release** are single ``UPDATE ... WHERE state = 'claimed' AND lease_owner = %s``
   statements (fencing: a worker that lost its lease matches no row and gets :class:`~pipeline.ledger.LeaseLost`).
+* **Coalescing.** Concurrent claims and completions of one ledger object (the records of a poll batch) are gathered
+  by :class:`pipeline.coalesce.Coalescer` into one statement per group of up to :data:`MAX_GROUP` keys: one
+  ``INSERT ... SELECT ... FROM unnest(...) ON CONFLICT DO NOTHING RETURNING`` for the claims (keys in sorted order,
+  so two workers inserting overlapping groups take the keys' index entries in the same order and cannot deadlock),
+  one ``UPDATE ... FROM unnest(...) WHERE <owned>`` for the completions. A key the statement did not return takes
+  the single-key path on its own, exactly as above (the row read, the locked transaction; the read naming the
+  holder for :class:`~pipeline.ledger.LeaseLost`). One key appears at most once per group; a failed statement
+  raises :class:`~pipeline.ledger.LedgerError` to every caller of its group. Arrays rather than a ``VALUES`` list
+  keep one statement text for every group size, so each connection parses and plans it once.
 * Times are the **server's** ``now()`` (lease expiry ``now() + lease``), stored as ``timestamptz`` and read back as
   unix seconds, so workers whose clocks disagree still agree on when a lease has expired.
 
@@ -23,6 +32,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from pipeline.coalesce import Coalescer
 from pipeline.ledger import (
     TERMINAL, Acquired, ClaimResult, Completion, Finished, Held, LeaseLost, LedgerError, LedgerRow, RowInfo, decide_claim,
     decode_headers, encode_headers)
@@ -67,11 +77,39 @@ _COLUMNS = ("stage_key, stage, trace_id, envelope_key, config_version, state, le
 _LEASE = "now() + make_interval(secs => %s::float8)"
 _OWNED = "stage_key = %s AND state = 'claimed' AND lease_owner = %s"
 
+#: Most keys one coalesced claim or completion statement carries (10 and 6 array elements per key).
+MAX_GROUP = 500
+
+#: Claims of many keys (one array per column, keys sorted): the new keys' rows come back, in any order.
+_CLAIM_MANY = (
+    "INSERT INTO stage_runs (stage_key, stage, trace_id, envelope_key, config_version, state, lease_owner, "
+    "lease_expires_at, attempts, input_topic, input_partition, input_offset, created_at, updated_at) "
+    "SELECT k, st, tr, ek, cv, 'claimed', o, now() + make_interval(secs => l), 1, it, ip, io, now(), now() "
+    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::text[], "
+    "%s::int4[], %s::int8[]) AS v(k, st, tr, ek, cv, o, l, it, ip, io) "
+    f"ON CONFLICT (stage_key) DO NOTHING RETURNING {_COLUMNS}")
+
+#: Completions of many keys, each only if its owner still holds the claim: the completed rows come back.
+_COMPLETE_MANY = (
+    "UPDATE stage_runs SET state = v.st, result = v.res, result_headers = v.hdr, journal = v.jr, error = NULL, "
+    "lease_owner = NULL, lease_expires_at = NULL, updated_at = now() "
+    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[], %s::bytea[]) "
+    "AS v(k, o, st, res, hdr, jr) "
+    f"WHERE stage_key = v.k AND state = 'claimed' AND lease_owner = v.o RETURNING {_COLUMNS}")
+
 
 def _row(values: Any) -> LedgerRow | None:
     if values is None:
         return None
     return LedgerRow(*values[:11], decode_headers(values[11]), *values[12:])
+
+
+def _key(item: tuple) -> str:
+    return item[0]
+
+
+_ClaimItem = tuple[str, RowInfo, str, float]  # key, info, owner, lease_s
+_CompleteItem = tuple[str, str, Completion]  # key, owner, completion
 
 
 class PostgresLedger(PostgresStore):
@@ -82,26 +120,39 @@ class PostgresLedger(PostgresStore):
     migrations = MIGRATIONS
     error = LedgerError
 
+    def __init__(self, database_url: str, *, max_connections: int = 4, timeout_s: float = 10.0) -> None:
+        super().__init__(database_url, max_connections=max_connections, timeout_s=timeout_s)
+        #: Concurrent claims' inserts, one statement per group (``claims.batches`` counts the statements).
+        self.claims: Coalescer[_ClaimItem, LedgerRow | None] = Coalescer(
+            self._insert_claims, max_batch=MAX_GROUP, key=_key)
+        #: Concurrent completions, one statement per group (``completions.batches`` counts the statements).
+        self.completions: Coalescer[_CompleteItem, LedgerRow | None] = Coalescer(
+            self._complete_owned, max_batch=MAX_GROUP, key=_key)
+
     @staticmethod
     async def _get(conn: AsyncConnection, key: str) -> LedgerRow | None:
         cur = await conn.execute(f"SELECT {_COLUMNS} FROM stage_runs WHERE stage_key = %s", (key,))
         return _row(await cur.fetchone())
 
-    async def claim(self, key: str, info: RowInfo, owner: str, lease_s: float) -> ClaimResult:
+    async def _insert_claims(self, items: list[_ClaimItem]) -> list[LedgerRow | None]:
+        """Insert a row for each new key of ``items`` (one statement): per item its new row, or ``None`` when the key
+        exists already (then the item's claim continues on its own)."""
+        ordered = sorted(items, key=_key)  # one order for every worker: overlapping groups cannot deadlock
+        columns = [list(c) for c in zip(*(
+            (key, info.stage, info.trace_id, info.envelope_key, info.config_version, owner, float(lease_s),
+             info.input_topic, info.input_partition, info.input_offset) for key, info, owner, lease_s in ordered))]
         async with self.connection(transaction=False) as conn:
-            cur = await conn.execute(
-                "INSERT INTO stage_runs (stage_key, stage, trace_id, envelope_key, config_version, state, lease_owner, "
-                "lease_expires_at, attempts, input_topic, input_partition, input_offset, created_at, updated_at) "
-                f"VALUES (%s, %s, %s, %s, %s, 'claimed', %s, {_LEASE}, 1, %s, %s, %s, now(), now()) "
-                f"ON CONFLICT (stage_key) DO NOTHING RETURNING {_COLUMNS}",
-                (key, info.stage, info.trace_id, info.envelope_key, info.config_version, owner, lease_s,
-                 info.input_topic, info.input_partition, info.input_offset))
-            if (inserted := _row(await cur.fetchone())) is not None:
-                return Acquired(inserted)
-            # A terminal row stays terminal until a reprocess reopens it, so a redelivery (the common case here)
-            # needs neither a lock nor a transaction.
-            if (row := await self._get(conn, key)) is not None and row.state in TERMINAL:
-                return Finished(row)
+            cur = await conn.execute(_CLAIM_MANY, columns)
+            inserted = {row.stage_key: row for row in map(_row, await cur.fetchall())}
+        return [inserted.get(item[0]) for item in items]
+
+    async def claim(self, key: str, info: RowInfo, owner: str, lease_s: float) -> ClaimResult:
+        if (inserted := await self.claims.submit((key, info, owner, lease_s))) is not None:
+            return Acquired(inserted)
+        # A terminal row stays terminal until a reprocess reopens it, so a redelivery (the common case here)
+        # needs neither a lock nor a transaction.
+        if (row := await self.get(key)) is not None and row.state in TERMINAL:
+            return Finished(row)
         async with self.connection() as conn:
             # now() is the transaction's start, the same in every statement of it; taken before any wait for the
             # row lock, so it can only be early: that delays a take-over, never allows one too soon.
@@ -130,17 +181,26 @@ class PostgresLedger(PostgresStore):
             if (row := _row(await cur.fetchone())) is not None:
                 return row
             current = await self._get(conn, key)
-        holder = "nobody" if current is None else f"{current.lease_owner} ({current.state})"
-        raise LeaseLost(f"stage key {key[:12]}… is no longer claimed by {owner}: now {holder}")
+        raise _lease_lost(key, owner, current)
+
+    async def _complete_owned(self, items: list[_CompleteItem]) -> list[LedgerRow | None]:
+        """Complete each item's row if its owner holds the claim (one statement): per item the completed row, or
+        ``None`` (then the item's caller finds out who holds it)."""
+        columns = [list(c) for c in zip(*(
+            (key, owner, c.state, c.result, encode_headers(c.result_headers), c.journal)
+            for key, owner, c in sorted(items, key=_key)))]
+        async with self.connection(transaction=False) as conn:
+            cur = await conn.execute(_COMPLETE_MANY, columns)
+            completed = {row.stage_key: row for row in map(_row, await cur.fetchall())}
+        return [completed.get(item[0]) for item in items]
 
     async def renew(self, key: str, owner: str, lease_s: float) -> None:
         await self._owned_update(key, owner, f"lease_expires_at = {_LEASE}", (lease_s,))
 
     async def complete(self, key: str, owner: str, completion: Completion) -> LedgerRow:
-        return await self._owned_update(
-            key, owner, "state = %s, result = %s, result_headers = %s, journal = %s, error = NULL, "
-                        "lease_owner = NULL, lease_expires_at = NULL",
-            (completion.state, completion.result, encode_headers(completion.result_headers), completion.journal))
+        if (row := await self.completions.submit((key, owner, completion))) is not None:
+            return row
+        raise _lease_lost(key, owner, await self.get(key))
 
     async def fail(self, key: str, owner: str, error: str) -> LedgerRow:
         return await self._owned_update(
@@ -174,3 +234,8 @@ class PostgresLedger(PostgresStore):
         async with self.connection(transaction=False) as conn:
             cur = await conn.execute(sql, (*params, limit))
             return [_row(r) for r in await cur.fetchall()]
+
+
+def _lease_lost(key: str, owner: str, current: LedgerRow | None) -> LeaseLost:
+    holder = "nobody" if current is None else f"{current.lease_owner} ({current.state})"
+    return LeaseLost(f"stage key {key[:12]}… is no longer claimed by {owner}: now {holder}")
