@@ -21,7 +21,9 @@ busy machine), CPU cores used in each window by the measured processes, the brok
 other process, peak RSS per process, and the partition split between workers.
 
 ``--mode micro``: the in-process CPU cost per span (no Kafka, no processes) of parsing, buffering and building
-envelopes, next to a parse-only reference.
+envelopes, next to a parse-only reference; then each step of the envelope build in µs per span and the *floors* (the
+least CPU any assembler producing today's envelope spends on parsing, reading attribute values, JSON and zstd),
+against the per-span budget of the 45,000 spans per CPU-second target.
 
 Results go to ``bench/results/assembler-<timestamp>.json`` (or ``--output``).
 """
@@ -65,6 +67,7 @@ TRACE_SOURCE = Path(sys.executable).with_name("trace-source")
 #   buffer    — pipeline.buffers: decode ids/times, dedupe, buffer, close (no envelope);
 #   envelope  — buffer plus pipeline.envelope_builder (canonical spans, redaction, agent-run view, idempotency key,
 #               validation) and Envelope.to_json_bytes: everything the assembler does except I/O.
+# Then build_steps: the envelope build step by step, and the floors (see its docstring).
 
 
 def make_records(n_requests: int, spans_per_request: int, spans_per_trace: int):
@@ -121,6 +124,97 @@ def best_of(rounds: int, fn) -> float:
     return min(times)
 
 
+def closed_traces(records) -> list:
+    """The traces of ``records`` as the assembler's buffers close them (``pipeline.buffers.ClosedTrace``)."""
+    from pipeline.buffers import AssemblerCore, decode_record
+
+    clock = [0.0]
+    core = AssemblerCore(quiet_period_s=1.0, max_wait_s=300.0, clock=lambda: clock[0], remembered=10**6,
+                         retained_bytes=0)
+    core.assign([0])
+    for r in records:
+        core.ingest(r, decode_record(r).traces)
+    clock[0] = 10.0
+    return core.due()
+
+
+#: The issue-11 target for one assembler worker, spans per CPU-second; its budget per span is 1e6 / this in µs.
+ASSEMBLER_TARGET_SPANS_PER_CPU_S = 45_000
+
+
+def build_steps(records, spans: int, rounds: int) -> dict[str, Any]:
+    """CPU µs per span (``time.process_time``, best of ``rounds``) of each step of building the envelopes of
+    ``records``, in the order the assembler runs them, and the *floors*: the least CPU any assembler producing
+    today's envelope must spend on the steps that do not depend on how the view is computed.
+
+    Steps: decode + canonical spans (``envelope_builder.collect``), redaction, agent-run view, the rest of
+    ``build_envelope`` (idempotency key, envelope validation), JSON (``Envelope.to_json_bytes``) and zstd level 3
+    (the envelope producer's default codec, through cramjam as aiokafka calls it). Floors: protobuf parse alone
+    (upb), reading every attribute value out of the parsed messages into dicts (``canonical.attributes`` on every
+    span, event, link, resource and scope, no models), and the JSON and zstd steps themselves (orjson and zstd are
+    already the fastest encoders available to Python). Kafka consume and produce come on top (``--mode e2e``)."""
+    import cramjam
+    from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
+
+    from normalizers.agent_run import build_agent_run
+    from normalizers.canonical import attributes
+    from normalizers.redact import Redactor
+    from pipeline.envelope_builder import build_envelope, collect
+
+    closed = closed_traces(records)
+    redactor = Redactor()
+    collected = [collect(c) for c in closed]
+    redacted = [redactor.redact(s, logs) for s, logs in collected]
+    envelopes = [build_envelope(c, assembled_at_ns=1, redactor=redactor) for c in closed]
+    documents = [e.to_json_bytes() for e in envelopes]
+    values = [r.value for c in closed for r in c.records]
+    parsed = [TracesData.FromString(v) for v in values]
+
+    def read_attributes() -> None:
+        for data in parsed:
+            for rs in data.resource_spans:
+                attributes(rs.resource.attributes)
+                for ss in rs.scope_spans:
+                    attributes(ss.scope.attributes)
+                    for sp in ss.spans:
+                        attributes(sp.attributes)
+                        for e in sp.events:
+                            attributes(e.attributes)
+                        for lk in sp.links:
+                            attributes(lk.attributes)
+
+    def per_span(fn) -> float:
+        best = math.inf
+        for _ in range(rounds):
+            t0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t0)
+        return round(best * 1e6 / spans, 2)
+
+    steps = {
+        "decode + canonical spans": per_span(lambda: [collect(c) for c in closed]),
+        "redaction": per_span(lambda: [Redactor().redact(s, logs) for s, logs in collected]),
+        "agent-run view": per_span(lambda: [build_agent_run(r.spans, r.log_events) for r in redacted]),
+        "build_envelope (all of the above + key, validation)":
+            per_span(lambda: [build_envelope(c, assembled_at_ns=1, redactor=Redactor()) for c in closed]),
+        "JSON (to_json_bytes)": per_span(lambda: [e.to_json_bytes() for e in envelopes]),
+        "zstd level 3": per_span(lambda: [cramjam.zstd.compress(d, level=3) for d in documents]),
+    }
+    floors = {
+        "protobuf parse (upb)": per_span(lambda: [TracesData.FromString(v) for v in values]),
+        "attribute values into dicts": per_span(read_attributes),
+        "JSON (to_json_bytes)": steps["JSON (to_json_bytes)"],
+        "zstd level 3": steps["zstd level 3"],
+    }
+    total = steps["build_envelope (all of the above + key, validation)"] + steps["JSON (to_json_bytes)"] + \
+        steps["zstd level 3"]
+    return {"us_per_span": steps, "floor_us_per_span": floors, "total_us_per_span": round(total, 2),
+            "floor_total_us_per_span": round(sum(floors.values()), 2),
+            "target_spans_per_cpu_s": ASSEMBLER_TARGET_SPANS_PER_CPU_S,
+            "target_budget_us_per_span": round(1e6 / ASSEMBLER_TARGET_SPANS_PER_CPU_S, 2),
+            "envelope_bytes_per_span": round(sum(map(len, documents)) / spans)}
+
+
 def run_micro(args: argparse.Namespace) -> int:
     rounds = args.rounds or 3
     records, spans = make_records(args.requests, args.spans_per_request, args.spans_per_trace)
@@ -133,8 +227,9 @@ def run_micro(args: argparse.Namespace) -> int:
         results[name] = {"seconds": round(seconds, 4), "spans_per_s": round(spans / seconds)}
     for r in results.values():
         r["x_of_reference"] = round(results["reference"]["seconds"] / r["seconds"], 4)
+    steps = build_steps(records, spans, rounds)
     summary = {"records": len(records), "unique_spans": spans, "traces": run_assembler(records, False),
-               "results": results}
+               "results": results, "steps": steps}
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -142,6 +237,17 @@ def run_micro(args: argparse.Namespace) -> int:
           f"best of {rounds}, in-process, one thread")
     for name, r in results.items():
         print(f"  {name:10} {r['spans_per_s']:>10,} spans/s   {r['x_of_reference'] * 100:6.1f}% of reference")
+    print(f"\nenvelope steps, CPU µs per span (envelope JSON {steps['envelope_bytes_per_span']:,} bytes per span):")
+    for name, us in steps["us_per_span"].items():
+        print(f"  {name:54} {us:7.2f}")
+    print(f"  {'total: build_envelope + JSON + zstd':54} {steps['total_us_per_span']:7.2f}"
+          f"   = {1e6 / steps['total_us_per_span']:,.0f} spans per CPU-s before Kafka I/O")
+    print("floors (no assembler producing today's envelope can spend less on these), CPU µs per span:")
+    for name, us in steps["floor_us_per_span"].items():
+        print(f"  {name:54} {us:7.2f}")
+    print(f"  {'sum of the floors':54} {steps['floor_total_us_per_span']:7.2f}"
+          f"   vs the budget of the {steps['target_spans_per_cpu_s']:,} spans per CPU-s target: "
+          f"{steps['target_budget_us_per_span']:.2f} µs per span with Kafka I/O")
     return 0
 
 
