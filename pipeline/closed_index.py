@@ -30,6 +30,7 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
+import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -49,23 +50,38 @@ INDEX_TOPIC_CONFIG = {"cleanup.policy": "compact,delete", "min.compaction.lag.ms
 
 
 def index_value(env: Envelope, partition: int, offset: int) -> bytes:
-    """The index record's value for ``env`` published at ``partition``/``offset`` of the traces topic."""
-    info = ClosedInfo.from_envelope(env)
-    return json.dumps({"v": info.version, "p": partition, "o": offset, "r": info.root_ended,
-                       "s": [[s, end, status] for s, (end, status) in info.spans.items()],
-                       "l": [list(lid) for lid in info.logs]}, separators=(",", ":")).encode()
+    """The index record's value (UTF-8 JSON, see the module docstring) for ``env`` published at
+    ``partition``/``offset`` of the traces topic."""
+    return _Entry.of(ClosedInfo.from_envelope(env), partition, offset).to_json_bytes()
 
 
 class _Entry:
+    """One index entry: what :class:`~pipeline.buffers.ClosedInfo` remembers, and where the envelope is."""
+
     __slots__ = ("version", "partition", "offset", "root_ended", "spans", "logs")
 
     def __init__(self, data: dict) -> None:
+        """From the decoded JSON of an index record (raises ``KeyError``/``ValueError``/``TypeError`` on another
+        shape)."""
         self.version = int(data["v"])
         self.partition = int(data["p"])
         self.offset = int(data["o"])
         self.root_ended = bool(data["r"])
         self.spans = {s: (int(end), str(status)) for s, end, status in data["s"]}
         self.logs = {(str(a), int(b), int(c), int(d), str(e)) for a, b, c, d, e in data["l"]}
+
+    @classmethod
+    def of(cls, info: ClosedInfo, partition: int, offset: int) -> _Entry:
+        """The entry of a trace just published: built from its facts, not by decoding the record written for it."""
+        entry = cls.__new__(cls)
+        entry.version, entry.partition, entry.offset = info.version, partition, offset
+        entry.root_ended, entry.spans, entry.logs = info.root_ended, info.spans, info.logs
+        return entry
+
+    def to_json_bytes(self) -> bytes:
+        return orjson.dumps({"v": self.version, "p": self.partition, "o": self.offset, "r": self.root_ended,
+                             "s": [[s, end, status] for s, (end, status) in self.spans.items()],
+                             "l": [list(lid) for lid in self.logs]})
 
 
 class KafkaClosedTraces:
@@ -232,6 +248,7 @@ class KafkaClosedTraces:
             return
         if published.partition is None or published.offset is None:
             raise BusPublishError("the traces topic did not report where the envelope landed")
-        value = index_value(env, published.partition, published.offset)
-        await self.publisher.publish(self.index_topic, env.trace_id.encode(), value, partition=input_partition)
-        self._put(env.trace_id, _Entry(json.loads(value)))
+        entry = _Entry.of(ClosedInfo.from_envelope(env), published.partition, published.offset)
+        await self.publisher.publish(self.index_topic, env.trace_id.encode(), entry.to_json_bytes(),
+                                     partition=input_partition)
+        self._put(env.trace_id, entry)
