@@ -120,6 +120,49 @@ async def test_events_filter_by_trace_and_parent_run_and_keep_the_newest(journal
     assert await journal.events(trace_id="3" * 32) == []
 
 
+async def test_concurrent_appends_keep_each_calls_events_together_and_count_per_call(backend: Backend,
+                                                                                      journal: Journal):
+    await journal.append([event(0, key="x")])
+    calls = [[event(n, key=k) for n in range(3)] for k in "cdefghij"]
+    calls.append([event(0, key="x"), event(1, key="x")])  # one stored before, one new
+    calls.append([event(1, key="x"), event(2, key="x")])  # x-1 is the previous call's, in the same group
+    assert await asyncio.gather(*(journal.append(c) for c in calls)) == [3] * 8 + [1, 1]
+    ids = backend.stored_ids()
+    assert len(ids) == len(set(ids)) == 1 + 24 + 2
+    for call in calls[:8]:  # each call's events contiguous, in its order
+        start = ids.index(call[0].event_id)
+        assert ids[start:start + 3] == [e.event_id for e in call]
+    assert ids.index(event(1, key="x").event_id) < ids.index(event(2, key="x").event_id)
+    if backend.kind == "postgres":
+        assert (journal.appends.batches, journal.appends.items) == (2, 11)  # the ten calls in one group
+
+
+async def test_postgres_appends_of_one_group_beyond_one_statement_and_with_a_refused_event(postgres_url: str):
+    journal = PostgresJournal(postgres_url)
+    await journal.start()
+    try:
+        calls = [[event(n, key=k) for n in range(400)] for k in "abc"]  # 1,200 rows: two statements
+        assert await asyncio.gather(*(journal.append(c) for c in calls)) == [400] * 3
+        assert journal.appends.batches == 1
+        stored = [e.event_id for e in await journal.events()]
+        assert sorted(stored) == sorted(e.event_id for c in calls for e in c)
+        for call in calls:
+            start = stored.index(call[0].event_id)
+            assert stored[start:start + 400] == [e.event_id for e in call]
+
+        bad = [event(1, key="d"), event(2, key="d", trace="a\x00" + "b" * 30)]  # text cannot hold NUL
+        good = [[event(n, key=k) for n in range(2)] for k in "ef"]
+        results = await asyncio.gather(journal.append(good[0]), journal.append(bad), journal.append(good[1]),
+                                       return_exceptions=True)
+        assert journal.appends.batches == 2
+        assert results[0] == results[2] == 2
+        assert isinstance(results[1], JournalError) and "NUL" in str(results[1])
+        ids = {e.event_id for e in await journal.events()}
+        assert {e.event_id for g in good for e in g} <= ids and not {e.event_id for e in bad} & ids  # bad: none
+    finally:
+        await journal.close()
+
+
 _APPENDER = """
 from pipeline.journal import JournalEvent
 

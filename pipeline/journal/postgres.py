@@ -8,6 +8,13 @@ event as ``jsonb`` (``event``, for queries) and its exact JSON text (``body``, w
 returns, byte for byte what the JSON-lines journal would hold: ``jsonb`` normalizes numbers and cannot hold
 ``\\u0000``, which its copy turns into U+FFFD).
 
+Concurrent appends of one journal object (the records of a poll batch) are gathered by
+:class:`pipeline.coalesce.Coalescer` and written together: the calls' events, each call's contiguous and in its
+order, in one ``INSERT ... RETURNING event_id`` (as many calls as fit in :data:`_MAX_ROWS` rows; a call whose event
+ids repeat one of an earlier call of the statement starts the next statement), so each call's events are still all
+written or none. A statement the database refuses for its data is retried call by call, so one call's bad event
+fails only that call.
+
 The schema is created and migrated at :meth:`PostgresJournal.start` (component ``journal`` in ``schema_migrations``,
 see :mod:`pipeline.postgres_store`). Every method raises :class:`~pipeline.journal.JournalError` when the database
 cannot be used.
@@ -18,8 +25,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import psycopg
 import structlog
 
+from pipeline.coalesce import Coalescer
 from pipeline.journal import JournalError, JournalEvent
 from pipeline.postgres_store import PostgresStore, jsonb_safe, where_equal
 
@@ -52,6 +61,7 @@ _INSERT = ("INSERT INTO journal (event_id, trace_id, envelope_key, phase, status
 _ROW = "(%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
 _ON_CONFLICT = " ON CONFLICT (event_id) DO NOTHING"
 _MAX_ROWS = 1000  # events per INSERT: 9,000 bind parameters, well under Postgres's 65,535
+_RETURNING = " RETURNING event_id"
 
 
 def _insert_sql(rows: int) -> str:
@@ -74,6 +84,22 @@ def _params(event: JournalEvent) -> tuple[Any, ...]:
             event.run.parent_run_id, jsonb_safe(body), body)
 
 
+def _statements(calls: list[list[JournalEvent]]) -> list[list[int]]:
+    """``calls`` (indexes, in order) packed into statements of at most :data:`_MAX_ROWS` rows in which no event id
+    of a call repeats one of an earlier call (so the ids a statement returns tell whose events were new)."""
+    statements: list[list[int]] = []
+    rows, ids = 0, set()
+    for i, events in enumerate(calls):
+        mine = {e.event_id for e in events}
+        if not statements or rows + len(events) > _MAX_ROWS or not ids.isdisjoint(mine):
+            statements.append([])
+            rows, ids = 0, set()
+        statements[-1].append(i)
+        rows += len(events)
+        ids |= mine
+    return statements
+
+
 class PostgresJournal(PostgresStore):
     """:class:`pipeline.journal.Journal` over the Postgres database at ``database_url`` (see
     :class:`pipeline.postgres_store.PostgresStore` for the pool and timeouts)."""
@@ -82,11 +108,21 @@ class PostgresJournal(PostgresStore):
     migrations = MIGRATIONS
     error = JournalError
 
+    def __init__(self, database_url: str, *, max_connections: int = 4, timeout_s: float = 10.0) -> None:
+        super().__init__(database_url, max_connections=max_connections, timeout_s=timeout_s)
+        #: Concurrent appends, written together (``appends.batches`` counts the groups, one or more statements).
+        self.appends: Coalescer[list[JournalEvent], int | JournalError] = Coalescer(self._append_calls)
+
     async def append(self, events: list[JournalEvent]) -> int:
         if not events:
             return 0
-        # All of the call's new events or none: one statement (the usual case: a record's few events), or for a
-        # call beyond one statement's bind parameters (65,535) several in one transaction.
+        if len(events) <= _MAX_ROWS:  # the usual case, a record's few events: written with other calls' events
+            added = await self.appends.submit(events)
+            if isinstance(added, JournalError):
+                raise added
+            return added
+        # All of the call's new events or none: beyond one statement's bind parameters (65,535), several
+        # statements in one transaction.
         chunks = [events[i:i + _MAX_ROWS] for i in range(0, len(events), _MAX_ROWS)]
         async with self.connection(transaction=len(chunks) > 1) as conn:
             added = 0
@@ -94,6 +130,36 @@ class PostgresJournal(PostgresStore):
                 cur = await conn.execute(_insert_sql(len(chunk)), [p for e in chunk for p in _params(e)])
                 added += cur.rowcount
             return added
+
+    async def _append_calls(self, calls: list[list[JournalEvent]]) -> list[int | JournalError]:
+        """Write the events of ``calls`` (each at most :data:`_MAX_ROWS`); per call how many of its events were new,
+        or the error that refused its events alone."""
+        added: list[int | JournalError] = [0] * len(calls)
+        async with self.connection(transaction=False) as conn:
+            for statement in _statements(calls):
+                if len(statement) == 1:
+                    added[statement[0]] = await self._insert(conn, calls[statement[0]])
+                    continue
+                events = [e for i in statement for e in calls[i]]
+                try:
+                    cur = await conn.execute(_insert_sql(len(events)) + _RETURNING,
+                                             [p for e in events for p in _params(e)])
+                except (psycopg.DataError, psycopg.IntegrityError):  # somebody's event: find whose, alone
+                    for i in statement:
+                        added[i] = await self._insert(conn, calls[i])
+                    continue
+                new = {row[0] for row in await cur.fetchall()}
+                for i in statement:
+                    added[i] = len(new.intersection(e.event_id for e in calls[i]))
+        return added
+
+    async def _insert(self, conn: Any, events: list[JournalEvent]) -> int | JournalError:
+        """One call's events in one statement: how many were new, or the error when its data was refused."""
+        try:
+            cur = await conn.execute(_insert_sql(len(events)), [p for e in events for p in _params(e)])
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            return JournalError(f"{self.describe()}: {self._message(exc)}")
+        return cur.rowcount
 
     async def events(self, *, trace_id: str | None = None, limit: int | None = None,
                      parent_run_id: str | None = None) -> list[JournalEvent]:
