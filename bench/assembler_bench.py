@@ -242,7 +242,7 @@ def run_micro(args: argparse.Namespace) -> int:
         print(f"  {name:54} {us:7.2f}")
     print(f"  {'total: build_envelope + JSON + zstd':54} {steps['total_us_per_span']:7.2f}"
           f"   = {1e6 / steps['total_us_per_span']:,.0f} spans per CPU-s before Kafka I/O")
-    print("floors (no assembler producing today's envelope can spend less on these), CPU µs per span:")
+    print("floors (steps any assembler of today's envelope must do, cheapest known in CPython), CPU µs per span:")
     for name, us in steps["floor_us_per_span"].items():
         print(f"  {name:54} {us:7.2f}")
     print(f"  {'sum of the floors':54} {steps['floor_total_us_per_span']:7.2f}"
