@@ -37,6 +37,7 @@ from pipeline.buffers import (AssemblerCore, ClosedInfo, ClosedTrace, PoisonReco
                               decode_record)
 from pipeline.bus import BusConsumer, BusPublishError, BusRecord
 from pipeline.envelope_builder import build_envelope
+from pipeline.gc_policy import BetweenChunks
 from pipeline.metrics import AssemblerMetrics
 from pipeline.outputs import EnvelopeOutput
 from pipeline.settings import AssemblerSettings
@@ -86,14 +87,16 @@ class Assembler:
     ``clock``: monotonic seconds for the close rules (injectable for tests); ``wall_ns``: unix ns recorded as the
     assembly time. ``lookup``: optional memory of closed traces beyond the in-process one — :class:`TracesDirLookup`
     (embedded) or ``pipeline.closed_index.KafkaClosedTraces`` (Kafka; also told of assignments and of every
-    published envelope). ``redactor``: ``None`` disables masking. Implements :class:`pipeline.bus.PartitionListener`
-    for its consumer.
+    published envelope). ``redactor``: ``None`` disables masking. ``collector``: runs the cyclic garbage collector
+    after each published chunk (``worker assemble``, see :mod:`pipeline.gc_policy`); ``None`` leaves it to CPython
+    (the embedded ``serve``, where the receiver shares the process). Implements
+    :class:`pipeline.bus.PartitionListener` for its consumer.
     """
 
     def __init__(self, consumer: BusConsumer, output: EnvelopeOutput, settings: AssemblerSettings, *,
                  metrics: AssemblerMetrics | None = None, clock: Callable[[], float] = time.monotonic,
                  wall_ns: Callable[[], int] = time.time_ns, lookup=None,
-                 redactor: Redactor | None = None) -> None:
+                 redactor: Redactor | None = None, collector: BetweenChunks | None = None) -> None:
         self.consumer = consumer
         self.output = output
         self.settings = settings
@@ -102,6 +105,7 @@ class Assembler:
         self.wall_ns = wall_ns
         self.lookup = lookup
         self.redactor = redactor
+        self.collector = collector
         self.core = AssemblerCore(
             quiet_period_s=settings.quiet_period_s, max_wait_s=settings.max_wait_s,
             max_buffered_bytes=settings.max_buffered_bytes, remembered=settings.closed_traces_remembered,
@@ -233,6 +237,9 @@ class Assembler:
         for i in range(0, len(closed), _EMIT_CHUNK):
             built = await asyncio.to_thread(self._build_all, closed[i:i + _EMIT_CHUNK])
             await asyncio.gather(*(self._publish(c, env_or_error) for c, env_or_error in built))
+            if self.collector is not None:
+                del built  # the chunk's envelopes are garbage now: the young collection finds few objects alive
+                self.collector.after_chunk()
 
     def _build_all(self, closed: list[ClosedTrace]) -> list[tuple[ClosedTrace, Envelope | Exception]]:
         out: list[tuple[ClosedTrace, Envelope | Exception]] = []

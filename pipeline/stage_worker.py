@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import signal
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.bus import BusConsumer, BusPublisher
+from pipeline.gc_policy import STAGE_YOUNG_THRESHOLD, freeze_startup
 from pipeline.health import start_health_server
 from pipeline.journal import Journal, open_journal
 from pipeline.ledger import Ledger, open_ledger
@@ -150,33 +150,13 @@ async def run_stage_worker(name: str, settings: LoopSettings, stop: asyncio.Even
             log.info("stage.serving", stage=name, metrics_port=port, input_topic=stage.input_topic,
                      output_topic=stage.output_topic, group_id=stage.group_id, policy=settings.execution_policy,
                      kafka=settings.kafka_bootstrap_servers, state_dir=str(settings.state_dir))
-            tune_gc()
+            freeze_startup(STAGE_YOUNG_THRESHOLD)  # see pipeline.gc_policy
             await runner.run(stop)
         finally:
             await health.cleanup()
     finally:
         await stores.close()
         await artifacts.close()
-
-
-#: Young-generation threshold of the cyclic garbage collector in a stage worker (CPython's default: 700).
-GC_YOUNG_THRESHOLD = 50_000
-
-
-def tune_gc() -> None:
-    """Garbage-collector settings for a ``worker <stage>`` process, applied once start-up is done.
-
-    Every record makes a whole envelope's worth of objects (a ~60 KB envelope parses into thousands of dicts and
-    lists) that are garbage as soon as the outcome is recorded, and reference counting frees them. With the default
-    threshold of 700 allocations the cyclic collector still ran about once per envelope and rescanned those objects
-    while they were alive: 0.46–0.56 s of a grade worker's 3.0–3.7 s of CPU for 880 envelopes (Kafka + Postgres).
-    At 50,000 that falls to ~0.07 s and the worker needs 8–11 % less CPU per envelope (three alternating runs);
-    memory does not grow, since only reference cycles wait for the collector. ``gc.freeze()`` moves the objects made
-    during start-up (modules, schemas, settings) out of every later collection. Not applied to ``worker assemble``
-    (no difference measured there: the envelopes it builds in a chunk outlive collections anyway) nor in ``serve``,
-    where the receiver shares the process."""
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
 class EmbeddedLoop:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import signal
 from contextlib import AsyncExitStack
 
@@ -20,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from normalizers.redact import Redactor
 from pipeline.assembler import Assembler, TracesDirLookup
+from pipeline.gc_policy import ASSEMBLER_YOUNG_THRESHOLD, BetweenChunks, freeze_startup
 from pipeline.health import start_health_server
 from pipeline.local_bus import LocalBusPublisher, LocalLogConsumer
 from pipeline.metrics import AssemblerMetrics
@@ -127,22 +127,11 @@ async def ensure_output_topics(settings: AssemblerSettings) -> None:
                            settings.replication_factor, dict(INDEX_TOPIC_CONFIG), security=security)
 
 
-def tune_gc() -> None:
-    """Fewer garbage collections for a process that allocates millions of short-lived objects (canonical spans,
-    attribute maps, messages) next to a large long-lived state (open traces, the closed-trace LRU): the objects
-    alive after start-up move to the permanent generation (``gc.freeze``), and a young collection runs every 20,000
-    net allocations instead of 700. The envelope code creates no reference cycles, so memory is freed by reference
-    counting as before; the collector only finds cycles later."""
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
-
-
 async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = None) -> None:
     """``trace-source worker assemble``: Kafka when bootstrap servers are set, else the embedded log (then only
     one assembler may run per state dir, and ``serve`` should run with ``in_process`` off). Runs until ``stop`` or
     SIGTERM/SIGINT."""
     stop = stop or asyncio.Event()
-    tune_gc()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -177,9 +166,9 @@ async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = N
                 await lookup.start()
                 stack.push_async_callback(lookup.stop)
             assembler = Assembler(consumer, output, settings, metrics=metrics, redactor=_redactor(settings),
-                                  lookup=lookup)
+                                  lookup=lookup, collector=BetweenChunks())
         else:
-            assembler = build_local_assembler(settings, metrics)
+            assembler = build_local_assembler(settings, metrics, collector=BetweenChunks())
             stack.push_async_callback(assembler.output.publisher.stop)
         output_ready = getattr(assembler.output.publisher, "ready", lambda: True)
         runner, port = await start_health_server(metrics.registry,
@@ -189,4 +178,5 @@ async def run_worker(settings: AssemblerSettings, stop: asyncio.Event | None = N
         log.info("assembler.serving", metrics_port=port, input_topic=settings.input_topic,
                  traces_topic=settings.traces_topic, group_id=settings.group_id,
                  kafka=settings.kafka_bootstrap_servers, state_dir=str(settings.state_dir))
+        freeze_startup(ASSEMBLER_YOUNG_THRESHOLD)
         await assembler.run(stop)
