@@ -15,6 +15,14 @@ request`` spans, ``--spans-per-trace`` per trace; each record once more, as expo
 For the workers: envelopes/s and CPU-seconds from their first output to their last (start-up is not counted),
 peak RSS.
 
+``--cluster`` measures instead one ``trace-source worker grade`` in the cluster shape: a single-node Kafka broker
+(``tests/kafka_harness.py``) whose traces topic holds the envelopes, the ledger and journal in a Postgres server
+(``tests/postgres_harness.py``), the worker's shipped defaults (concurrency, poll size, pool). Each run grades all
+envelopes with a fresh consumer group, grades topic and database; ``--rounds`` runs per ``--source`` (a checkout
+whose code the worker runs, e.g. a ``git worktree`` of an older commit, for an A/B on one machine), interleaved
+A, B, A, B, ... It reports per run the worker's CPU per envelope and the Postgres transactions it committed per
+envelope (``pg_stat_database.xact_commit``, less the bench's own count queries), and the median per source.
+
 It prints envelopes/s and envelopes per CPU-second for each, and the ratios grade / assembler: the grade stage must
 not be the slowest stage. Results: ``bench/results/grade-<timestamp>.json`` (or ``--output``). No timing is an
 assertion anywhere; on a shared 2-core machine use the per-CPU-second figures and the ratios.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -36,6 +45,7 @@ from bench.assembler_bench import make_records
 from bench.common import REPO, environment, results_path, say, timestamp, write_results
 
 _BIN = Path(sys.executable).with_name("trace-source")
+_CLI = "import sys; from trace_source.cli import main; sys.argv[0] = 'trace-source'; sys.exit(main())"
 
 
 def build_envelopes(records) -> tuple[list, float, float]:
@@ -99,10 +109,12 @@ def preload_spans(state: Path, records) -> None:
         appender.close()
 
 
-def measure_worker(argv: list[str], log_path: Path, count, n: int, timeout_s: float) -> dict:
-    """Run ``trace-source <argv>`` until ``count()`` reaches ``n``; envelopes/s and CPU from its first output on."""
+def measure_worker(argv: list[str], log_path: Path, count, n: int, timeout_s: float, *,
+                   command: list[str] | None = None, env: dict[str, str] | None = None) -> dict:
+    """Run ``trace-source <argv>`` (or ``command + argv``) until ``count()`` reaches ``n``; envelopes/s and CPU from
+    its first output on."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(_BIN), *argv], stdout=log, stderr=log)
+        proc = subprocess.Popen([*(command or [str(_BIN)]), *argv], stdout=log, stderr=log, env=env)
     ps = psutil.Process(proc.pid)
     peak_rss = 0
     first = None
@@ -150,6 +162,108 @@ def run_stage(state: Path, n: int, timeout_s: float) -> dict:
                           n, timeout_s)
 
 
+async def preload_topic(bootstrap: str, topic: str, envelopes, partitions: int) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from sinks.kafka_admin import create_topic
+
+    await create_topic(bootstrap, topic, partitions, max_request_size=16 * 2**20)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=16 * 2**20, acks="all",
+                                linger_ms=20)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, e.to_json_bytes(), key=e.trace_id.encode(), headers=[
+            ("idempotency-key", e.idempotency_key.encode()), ("envelope-version", b"1"),
+            ("content-type", b"application/json")]) for e in envelopes]
+        for delivery in sent:
+            await delivery
+    finally:
+        await producer.stop()
+
+
+def run_cluster_worker(source: Path, bootstrap: str, admin_url: str, n: int, run: int, work: Path,
+                       timeout_s: float) -> dict:
+    """One ``worker grade`` with ``source``'s code on Kafka + Postgres until all ``n`` envelopes are done."""
+    import psycopg
+
+    from tests import postgres_harness
+
+    database = f"grade_bench_{run}"
+    url = postgres_harness.create_database(admin_url, database)
+    queries = [0]
+    conn = psycopg.connect(url, autocommit=True)
+
+    def done() -> int:
+        queries[0] += 1
+        try:
+            return conn.execute("SELECT count(*) FROM stage_runs WHERE state = 'done'").fetchone()[0]
+        except psycopg.errors.UndefinedTable:
+            return 0
+
+    def commits() -> int:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            return admin.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
+                                 (database,)).fetchone()[0]
+
+    argv = ["worker", "grade", "--kafka-bootstrap-servers", bootstrap, "--consumer-group", f"grade-bench-{run}",
+            "--grades-topic", f"grade-bench.grades-{run}", "--artifact-dir", str(work / f"artifacts-{run}"),
+            "--state-dir", str(work / f"state-{run}"), "--metrics-port", "0", "--execution-policy", "grade",
+            "--log-level", "warning"]
+    env = {**os.environ, "TRACE_SOURCE_DATABASE_URL": url, "PYTHONPATH": str(source)}
+    # -P: the working directory does not go first on sys.path, so PYTHONPATH decides which code runs.
+    command = [sys.executable, "-P", "-c", _CLI]
+    try:
+        before = commits()
+        result = measure_worker(argv, work / f"grade-worker-{run}.log", done, n, timeout_s, command=command,
+                                env=env)
+    finally:
+        conn.close()
+    time.sleep(1.5)  # a backend publishes its statistics when it exits (the worker's and the count connection's)
+    xacts = commits() - before - queries[0]
+    result["ms_cpu_per_envelope"] = round(1000 * result["cpu_s"] / result["envelopes"], 3)
+    result["pg_transactions_per_envelope"] = round(xacts / n, 2)
+    return result
+
+
+def cluster(args: argparse.Namespace, envelopes) -> dict:
+    """``--cluster``: see the module docstring."""
+    import asyncio
+
+    from bench.common import median, start_harness_broker
+    from tests import postgres_harness
+
+    sources = [Path(s).resolve() for s in (args.source or [str(REPO)])]
+    broker, _ = start_harness_broker("server")
+    pg = postgres_harness.PostgresServer()
+    runs: list[dict] = []
+    try:
+        pg.start()
+        say(f"[postgres] ready on port {pg.port}; preloading {len(envelopes)} envelopes ...")
+        asyncio.run(preload_topic(broker.bootstrap_servers, "trace-source.traces", envelopes, args.partitions))
+        with tempfile.TemporaryDirectory(prefix="grade-bench-cluster-") as tmp:
+            for r in range(args.rounds):
+                for source in sources:
+                    run = len(runs)
+                    result = run_cluster_worker(source, broker.bootstrap_servers, pg.url, len(envelopes), run,
+                                                Path(tmp), args.timeout)
+                    commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True).stdout.strip()
+                    result.update(round=r, source=str(source), commit=commit)
+                    runs.append(result)
+                    say(f"[round {r}] {source}: {result['ms_cpu_per_envelope']} ms CPU/envelope, "
+                        f"{result['pg_transactions_per_envelope']} Postgres transactions/envelope, "
+                        f"{result['envelopes_per_s']} envelopes/s")
+    finally:
+        pg.stop()
+        broker.stop()
+    summary = {str(s): {"median_ms_cpu_per_envelope": median([r["ms_cpu_per_envelope"] for r in runs
+                                                               if r["source"] == str(s)]),
+                        "median_pg_transactions_per_envelope": median([r["pg_transactions_per_envelope"]
+                                                                       for r in runs if r["source"] == str(s)])}
+               for s in sources}
+    return {"runs": runs, "by_source": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.grade_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="Longest wait for the grade worker (s).")
     parser.add_argument("--output", type=Path, default=None, help="Results JSON (default bench/results/).")
     parser.add_argument("--json", action="store_true", help="Print the results JSON instead of the table.")
+    parser.add_argument("--cluster", action="store_true",
+                        help="Measure only the grade worker, on Kafka + Postgres (see above).")
+    parser.add_argument("--source", action="append", metavar="DIR",
+                        help="--cluster: a checkout whose code the worker runs (repeat for an A/B; default: this one).")
+    parser.add_argument("--rounds", type=int, default=1, help="--cluster: runs per --source, interleaved.")
+    parser.add_argument("--partitions", type=int, default=4, help="--cluster: partitions of the traces topic.")
     args = parser.parse_args(argv)
 
     say(f"workload: {args.requests} requests x {args.spans_per_request} spans, {args.spans_per_trace} per trace")
@@ -168,6 +288,25 @@ def main(argv: list[str] | None = None) -> int:
     n = len(envelopes)
     grade_all(envelopes[:8])
     verdicts, rules_cpu, rules_wall = grade_all(envelopes)
+    if args.cluster:
+        doc = {"benchmark": "grade-cluster", "at": timestamp(), "environment": environment(),
+               "workload": {"envelopes": n, "spans": spans, "spans_per_trace": args.spans_per_trace,
+                            "verdicts": verdicts, "partitions": args.partitions}, "results": cluster(args, envelopes)}
+        path = results_path(args.output, f"grade-cluster-{timestamp()}.json")
+        write_results(path, doc)
+        if args.json:
+            print(json.dumps(doc))
+            return 0
+        print(f"\n{n} envelopes, one `worker grade` on Kafka + Postgres per run")
+        print(f"  {'source':40} {'round':>5} {'ms CPU/env':>10} {'pg xact/env':>11} {'envelopes/s':>11}")
+        for r in doc["results"]["runs"]:
+            print(f"  {r['source'][-40:]:40} {r['round']:>5} {r['ms_cpu_per_envelope']:>10} "
+                  f"{r['pg_transactions_per_envelope']:>11} {r['envelopes_per_s'] or 0:>11}")
+        for source, m in doc["results"]["by_source"].items():
+            print(f"  median {source}: {m['median_ms_cpu_per_envelope']} ms CPU per envelope, "
+                  f"{m['median_pg_transactions_per_envelope']} Postgres transactions per envelope")
+        print(f"results: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="grade-bench-") as tmp:
         say(f"assembler worker over {len(records)} span records ...")
         preload_spans(Path(tmp) / "spans", records)
