@@ -264,6 +264,17 @@ def cluster(args: argparse.Namespace, envelopes) -> dict:
     return {"runs": runs, "by_source": summary}
 
 
+def _save(args: argparse.Namespace, doc: dict, name: str) -> Path | None:
+    """Write ``doc`` to ``--output`` or ``bench/results/<name>-<timestamp>.json``; with ``--json`` also print it and
+    return ``None`` (nothing else to print), else the path written."""
+    path = results_path(args.output, f"{name}-{timestamp()}.json")
+    write_results(path, doc)
+    if args.json:
+        print(json.dumps(doc))
+        return None
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.grade_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,10 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"benchmark": "grade-cluster", "at": timestamp(), "environment": environment(),
                "workload": {"envelopes": n, "spans": spans, "spans_per_trace": args.spans_per_trace,
                             "verdicts": verdicts, "partitions": args.partitions}, "results": cluster(args, envelopes)}
-        path = results_path(args.output, f"grade-cluster-{timestamp()}.json")
-        write_results(path, doc)
-        if args.json:
-            print(json.dumps(doc))
+        path = _save(args, doc, "grade-cluster")
+        if path is None:
             return 0
         print(f"\n{n} envelopes, one `worker grade` on Kafka + Postgres per run")
         print(f"  {'source':40} {'round':>5} {'ms CPU/env':>10} {'pg xact/env':>11} {'envelopes/s':>11}")
@@ -332,10 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"benchmark": "grade", "at": timestamp(), "environment": environment(),
            "workload": {"envelopes": n, "spans": spans, "spans_per_trace": args.spans_per_trace,
                         "verdicts": verdicts}, "results": results}
-    path = results_path(args.output, f"grade-{timestamp()}.json")
-    write_results(path, doc)
-    if args.json:
-        print(json.dumps(doc))
+    path = _save(args, doc, "grade")
+    if path is None:
         return 0
     print(f"\n{n} envelopes ({spans} spans; verdicts {verdicts}), one process each, same machine, same run")
     print(f"  {'':34} {'envelopes/s':>12} {'per CPU-s':>10}")

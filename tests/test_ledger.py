@@ -370,100 +370,99 @@ async def test_claimers_in_several_processes_acquire_each_key_once(backend: Back
 
 # -- coalescing (Postgres: concurrent claims and completions of one process share statements) ------------------------
 
-async def test_concurrent_claims_of_many_keys_share_one_insert_and_each_gets_its_result(postgres_url: str):
-    other = PostgresLedger(postgres_url)
-    led = PostgresLedger(postgres_url)
-    await other.start()
-    await led.start()
-    try:
-        new, done, held = range(0, 20), range(20, 40), range(40, 60)
-        for n in done:
-            await other.claim(key(n), info(n), "worker-a", LONG)
-        finished = {n: await other.complete(key(n), "worker-a", DONE) for n in done}
-        for n in held:
-            assert isinstance(await other.claim(key(n), info(n), "worker-b", LONG), Acquired)
-        expiry = {n: (await other.get(key(n))).lease_expires_at for n in held}
+@pytest.fixture
+async def postgres_ledgers(postgres_url: str):
+    """Opens started ledgers on the test database (each call another ledger object, as another process would have);
+    all are closed at teardown."""
+    opened: list[PostgresLedger] = []
 
-        claims = await asyncio.gather(*(led.claim(key(n), info(n), "worker-a", LONG) for n in range(60)))
-        assert (led.claims.batches, led.claims.items) == (1, 60)  # 60 claims, one INSERT
-        for n in new:
-            assert isinstance(claims[n], Acquired), claims[n]
-            row = claims[n].row
-            assert (row.stage_key, row.lease_owner, row.attempts, row.state) == (key(n), "worker-a", 1, "claimed")
-            assert (row.input_partition, row.input_offset) == (n % 4, 10_000_000_000 + n)
-            assert row.lease_expires_at - row.updated_at == pytest.approx(LONG, abs=0.01)
-            assert await led.get(key(n)) == row
-        for n in done:
-            assert isinstance(claims[n], Finished) and claims[n].row == finished[n]
-        for n in held:
-            assert isinstance(claims[n], Held), claims[n]
-            assert (claims[n].row.lease_owner, claims[n].expires_at) == ("worker-b", expiry[n])
-            assert (await led.get(key(n))).attempts == 1
+    async def open_one() -> PostgresLedger:
+        led = PostgresLedger(postgres_url)
+        await led.start()
+        opened.append(led)
+        return led
 
-        # The same key twice at once: never in one statement; one owner acquires it, the other finds it held.
-        pair = await asyncio.gather(led.claim(key(99), info(99), "worker-a", LONG),
-                                    led.claim(key(99), info(99), "worker-c", LONG))
-        assert sorted(type(c).__name__ for c in pair) == ["Acquired", "Held"]
-        assert (led.claims.batches, led.claims.items) == (3, 62)
-    finally:
+    yield open_one
+    for led in opened:
         await led.close()
-        await other.close()
 
 
-async def test_concurrent_completions_share_one_update_and_a_lost_lease_still_names_the_holder(postgres_url: str):
-    led = PostgresLedger(postgres_url)
-    other = PostgresLedger(postgres_url)
-    await led.start()
-    await other.start()
-    try:
-        await asyncio.gather(*(led.claim(key(n), info(n), "worker-a", LONG) for n in range(10)))
-        await led.release(key(5), "worker-a")
-        assert isinstance(await other.claim(key(5), info(5), "worker-b", LONG), Acquired)  # key 5: lost to b
-        before = led.completions.batches
-        completions = [Completion(state="done" if n % 2 else "blocked", result=None if n == 4 else bytes([n, 0, 255]),
-                                  result_headers=(("n", str(n).encode()),), journal=None if n == 6 else b"[%d]" % n)
-                       for n in range(10)]
-        results = await asyncio.gather(*(led.complete(key(n), "worker-a", completions[n]) for n in range(10)),
-                                       return_exceptions=True)
-        assert led.completions.batches == before + 1  # ten completions, one UPDATE
-        with pytest.raises(LeaseLost, match=r"no longer claimed by worker-a: now worker-b \(claimed\)"):
-            raise results[5]
-        for n in (0, 1, 2, 3, 4, 6, 7, 8, 9):
-            row, c = results[n], completions[n]
-            assert isinstance(row, LedgerRow), row
-            assert (row.stage_key, row.state, row.result, row.result_headers, row.journal) == (
-                key(n), c.state, c.result, c.result_headers, c.journal)
-            assert (row.lease_owner, row.lease_expires_at, row.error, row.attempts) == (None, None, None, 1)
-            assert await led.get(key(n)) == row
-        kept = await led.get(key(5))
-        assert (kept.state, kept.lease_owner, kept.result) == ("claimed", "worker-b", None)
+async def test_concurrent_claims_of_many_keys_share_one_insert_and_each_gets_its_result(postgres_ledgers):
+    other, led = await postgres_ledgers(), await postgres_ledgers()
+    new, done, held = range(0, 20), range(20, 40), range(40, 60)
+    for n in done:
+        await other.claim(key(n), info(n), "worker-a", LONG)
+    finished = {n: await other.complete(key(n), "worker-a", DONE) for n in done}
+    for n in held:
+        assert isinstance(await other.claim(key(n), info(n), "worker-b", LONG), Acquired)
+    expiry = {n: (await other.get(key(n))).lease_expires_at for n in held}
 
-        # Twice at once for one key: one completes, the other finds the row done.
-        await led.claim(key(20), info(20), "worker-a", LONG)
-        twice = await asyncio.gather(led.complete(key(20), "worker-a", DONE), led.complete(key(20), "worker-a", DONE),
-                                     return_exceptions=True)
-        assert sum(isinstance(r, LedgerRow) for r in twice) == 1
-        lost = next(r for r in twice if not isinstance(r, LedgerRow))
-        assert isinstance(lost, LeaseLost) and "now None (done)" in str(lost)
-    finally:
-        await led.close()
-        await other.close()
+    claims = await asyncio.gather(*(led.claim(key(n), info(n), "worker-a", LONG) for n in range(60)))
+    assert (led.claims.batches, led.claims.items) == (1, 60)  # 60 claims, one INSERT
+    for n in new:
+        assert isinstance(claims[n], Acquired), claims[n]
+        row = claims[n].row
+        assert (row.stage_key, row.lease_owner, row.attempts, row.state) == (key(n), "worker-a", 1, "claimed")
+        assert (row.input_partition, row.input_offset) == (n % 4, 10_000_000_000 + n)
+        assert row.lease_expires_at - row.updated_at == pytest.approx(LONG, abs=0.01)
+        assert await led.get(key(n)) == row
+    for n in done:
+        assert isinstance(claims[n], Finished) and claims[n].row == finished[n]
+    for n in held:
+        assert isinstance(claims[n], Held), claims[n]
+        assert (claims[n].row.lease_owner, claims[n].expires_at) == ("worker-b", expiry[n])
+        assert (await led.get(key(n))).attempts == 1
+
+    # The same key twice at once: never in one statement; one owner acquires it, the other finds it held.
+    pair = await asyncio.gather(led.claim(key(99), info(99), "worker-a", LONG),
+                                led.claim(key(99), info(99), "worker-c", LONG))
+    assert sorted(type(c).__name__ for c in pair) == ["Acquired", "Held"]
+    assert (led.claims.batches, led.claims.items) == (3, 62)
 
 
-async def test_a_claim_cancelled_while_waiting_for_its_group_is_left_out_and_the_others_go_on(postgres_url: str):
-    led = PostgresLedger(postgres_url)
-    await led.start()
-    try:
-        tasks = [asyncio.create_task(led.claim(key(n), info(n), "worker-a", LONG)) for n in range(8)]
-        await asyncio.sleep(0)  # every claim is queued; the group is sent after this test's turn
-        tasks[3].cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        assert isinstance(results[3], asyncio.CancelledError)
-        assert all(isinstance(results[n], Acquired) for n in range(8) if n != 3)
-        assert await led.get(key(3)) is None  # never sent
-        assert (led.claims.batches, led.claims.items) == (1, 7)
-    finally:
-        await led.close()
+async def test_concurrent_completions_share_one_update_and_a_lost_lease_still_names_the_holder(postgres_ledgers):
+    led, other = await postgres_ledgers(), await postgres_ledgers()
+    await asyncio.gather(*(led.claim(key(n), info(n), "worker-a", LONG) for n in range(10)))
+    await led.release(key(5), "worker-a")
+    assert isinstance(await other.claim(key(5), info(5), "worker-b", LONG), Acquired)  # key 5: lost to b
+    before = led.completions.batches
+    completions = [Completion(state="done" if n % 2 else "blocked", result=None if n == 4 else bytes([n, 0, 255]),
+                              result_headers=(("n", str(n).encode()),), journal=None if n == 6 else b"[%d]" % n)
+                   for n in range(10)]
+    results = await asyncio.gather(*(led.complete(key(n), "worker-a", completions[n]) for n in range(10)),
+                                   return_exceptions=True)
+    assert led.completions.batches == before + 1  # ten completions, one UPDATE
+    with pytest.raises(LeaseLost, match=r"no longer claimed by worker-a: now worker-b \(claimed\)"):
+        raise results[5]
+    for n in (0, 1, 2, 3, 4, 6, 7, 8, 9):
+        row, c = results[n], completions[n]
+        assert isinstance(row, LedgerRow), row
+        assert (row.stage_key, row.state, row.result, row.result_headers, row.journal) == (
+            key(n), c.state, c.result, c.result_headers, c.journal)
+        assert (row.lease_owner, row.lease_expires_at, row.error, row.attempts) == (None, None, None, 1)
+        assert await led.get(key(n)) == row
+    kept = await led.get(key(5))
+    assert (kept.state, kept.lease_owner, kept.result) == ("claimed", "worker-b", None)
+
+    # Twice at once for one key: one completes, the other finds the row done.
+    await led.claim(key(20), info(20), "worker-a", LONG)
+    twice = await asyncio.gather(led.complete(key(20), "worker-a", DONE), led.complete(key(20), "worker-a", DONE),
+                                 return_exceptions=True)
+    assert sum(isinstance(r, LedgerRow) for r in twice) == 1
+    lost = next(r for r in twice if not isinstance(r, LedgerRow))
+    assert isinstance(lost, LeaseLost) and "now None (done)" in str(lost)
+
+
+async def test_a_claim_cancelled_while_waiting_for_its_group_is_left_out_and_the_others_go_on(postgres_ledgers):
+    led = await postgres_ledgers()
+    tasks = [asyncio.create_task(led.claim(key(n), info(n), "worker-a", LONG)) for n in range(8)]
+    await asyncio.sleep(0)  # every claim is queued; the group is sent after this test's turn
+    tasks[3].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[3], asyncio.CancelledError)
+    assert all(isinstance(results[n], Acquired) for n in range(8) if n != 3)
+    assert await led.get(key(3)) is None  # never sent
+    assert (led.claims.batches, led.claims.items) == (1, 7)
 
 
 async def test_a_failed_group_raises_ledger_error_to_every_caller(postgres_server_factory):
