@@ -96,20 +96,26 @@ def run_reference(records) -> None:
         TracesData.FromString(r.value)
 
 
-def run_assembler(records, build: bool) -> int:
-    from normalizers.redact import Redactor
+def closed_traces(records) -> list:
+    """The traces of ``records`` as the assembler's buffers close them (``pipeline.buffers.ClosedTrace``)."""
     from pipeline.buffers import AssemblerCore, decode_record
-    from pipeline.envelope_builder import build_envelope
 
     clock = [0.0]
     core = AssemblerCore(quiet_period_s=1.0, max_wait_s=300.0, clock=lambda: clock[0], remembered=10**6,
                          retained_bytes=0)
     core.assign([0])
-    redactor = Redactor()
     for r in records:
         core.ingest(r, decode_record(r).traces)
     clock[0] = 10.0
-    closed = core.due()
+    return core.due()
+
+
+def run_assembler(records, build: bool) -> int:
+    from normalizers.redact import Redactor
+    from pipeline.envelope_builder import build_envelope
+
+    redactor = Redactor()
+    closed = closed_traces(records)
     if build:
         for c in closed:
             build_envelope(c, assembled_at_ns=1, redactor=redactor).to_json_bytes()
@@ -123,20 +129,6 @@ def best_of(rounds: int, fn) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def closed_traces(records) -> list:
-    """The traces of ``records`` as the assembler's buffers close them (``pipeline.buffers.ClosedTrace``)."""
-    from pipeline.buffers import AssemblerCore, decode_record
-
-    clock = [0.0]
-    core = AssemblerCore(quiet_period_s=1.0, max_wait_s=300.0, clock=lambda: clock[0], remembered=10**6,
-                         retained_bytes=0)
-    core.assign([0])
-    for r in records:
-        core.ingest(r, decode_record(r).traces)
-    clock[0] = 10.0
-    return core.due()
 
 
 #: The issue-11 target for one assembler worker, spans per CPU-second; its budget per span is 1e6 / this in µs.

@@ -26,7 +26,6 @@ Memory: at most ``max_entries`` entries (``closed_traces_remembered``), each the
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -47,12 +46,6 @@ log = structlog.get_logger(__name__)
 TRACES_INDEX_TOPIC = "trace-source.traces-index"
 #: Topic configs of the index: keep the latest entry per trace id, and nothing older than the retention period.
 INDEX_TOPIC_CONFIG = {"cleanup.policy": "compact,delete", "min.compaction.lag.ms": "60000"}
-
-
-def index_value(env: Envelope, partition: int, offset: int) -> bytes:
-    """The index record's value (UTF-8 JSON, see the module docstring) for ``env`` published at
-    ``partition``/``offset`` of the traces topic."""
-    return _Entry.of(ClosedInfo.from_envelope(env), partition, offset).to_json_bytes()
 
 
 class _Entry:
@@ -79,6 +72,7 @@ class _Entry:
         return entry
 
     def to_json_bytes(self) -> bytes:
+        """The index record's value: UTF-8 JSON in the shape of the module docstring."""
         return orjson.dumps({"v": self.version, "p": self.partition, "o": self.offset, "r": self.root_ended,
                              "s": [[s, end, status] for s, (end, status) in self.spans.items()],
                              "l": [list(lid) for lid in self.logs]})
@@ -189,7 +183,7 @@ class KafkaClosedTraces:
             for tp, records in batches.items():
                 for m in records:
                     if m.key is not None and m.value is not None:
-                        out.append((m.key.decode(), _Entry(json.loads(m.value))))
+                        out.append((m.key.decode(), _Entry(orjson.loads(m.value))))
             pending = {tp for tp in pending if await reader.position(tp) < end[tp]}
         return out
 

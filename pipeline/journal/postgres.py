@@ -84,6 +84,11 @@ def _params(event: JournalEvent) -> tuple[Any, ...]:
             event.run.parent_run_id, jsonb_safe(body), body)
 
 
+def _values(events: list[JournalEvent]) -> list[Any]:
+    """The bind parameters of an :func:`_insert_sql` for ``events``, row after row."""
+    return [p for e in events for p in _params(e)]
+
+
 def _statements(calls: list[list[JournalEvent]]) -> list[list[int]]:
     """``calls`` (indexes, in order) packed into statements of at most :data:`_MAX_ROWS` rows in which no event id
     of a call repeats one of an earlier call (so the ids a statement returns tell whose events were new)."""
@@ -127,7 +132,7 @@ class PostgresJournal(PostgresStore):
         async with self.connection(transaction=len(chunks) > 1) as conn:
             added = 0
             for chunk in chunks:
-                cur = await conn.execute(_insert_sql(len(chunk)), [p for e in chunk for p in _params(e)])
+                cur = await conn.execute(_insert_sql(len(chunk)), _values(chunk))
                 added += cur.rowcount
             return added
 
@@ -143,7 +148,7 @@ class PostgresJournal(PostgresStore):
                 events = [e for i in statement for e in calls[i]]
                 try:
                     cur = await conn.execute(_insert_sql(len(events)) + _RETURNING,
-                                             [p for e in events for p in _params(e)])
+                                             _values(events))
                 except (psycopg.DataError, psycopg.IntegrityError):  # somebody's event: find whose, alone
                     for i in statement:
                         added[i] = await self._insert(conn, calls[i])
@@ -156,7 +161,7 @@ class PostgresJournal(PostgresStore):
     async def _insert(self, conn: Any, events: list[JournalEvent]) -> int | JournalError:
         """One call's events in one statement: how many were new, or the error when its data was refused."""
         try:
-            cur = await conn.execute(_insert_sql(len(events)), [p for e in events for p in _params(e)])
+            cur = await conn.execute(_insert_sql(len(events)), _values(events))
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             return JournalError(f"{self.describe()}: {self._message(exc)}")
         return cur.rowcount
